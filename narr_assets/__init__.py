@@ -1,0 +1,1 @@
+"""narr_assets: classify death-investigation narratives with LLMs on Dagster."""

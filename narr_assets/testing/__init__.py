@@ -1,0 +1,1 @@
+"""Test doubles shipped with the package (used by tests and benchmarks)."""
