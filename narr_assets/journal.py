@@ -1,0 +1,117 @@
+"""The journal: every completed model response, durable the moment it arrives.
+
+Layout: `<journal_dir>/<experiment>/<config_hash>/<segment>.jsonl`. Each writing process
+appends to a segment of its own, so parallel runs never interleave bytes in one file and no
+lock is needed; readers merge all segments. One record is one line written with a single
+`os.write` on an `O_APPEND` descriptor: once `append` returns, the record is in the kernel and
+survives `kill -9` of the process. `fsync` runs at most every `fsync_interval_s` seconds and on
+close, which bounds what a power cut (not a process kill) can lose without paying a disk flush
+per response.
+
+Records hold the raw response (content, reasoning, finish reason, usage), never parsed
+fields, so a parser change re-parses old answers without new calls. A torn last line (the
+process died inside a write, or the disk filled) is detected, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JournalKey = tuple[str, str, str]  # (incident_id, narrative_type, text_hash)
+
+
+@dataclass
+class JournalStats:
+    records: int = 0
+    corrupt_lines: int = 0
+    segments: int = 0
+
+
+@dataclass
+class Journal:
+    """Append-only store of raw responses for one (experiment, config hash)."""
+
+    root: Path
+    fsync_interval_s: float = 1.0
+    _fd: int | None = field(default=None, init=False, repr=False)
+    _last_sync: float = field(default=0.0, init=False, repr=False)
+    _dirty: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @classmethod
+    def for_experiment(cls, journal_dir: Path, experiment: str, config_hash: str, **kwargs: Any) -> "Journal":
+        return cls(Path(journal_dir) / experiment / config_hash, **kwargs)
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.root.glob("*.jsonl")) if self.root.is_dir() else []
+
+    def iter_records(self, stats: JournalStats | None = None) -> Iterator[dict[str, Any]]:
+        """Every well-formed record of every segment; torn or corrupt lines are counted."""
+        stats = stats if stats is not None else JournalStats()
+        for segment in self._segments():
+            stats.segments += 1
+            with open(segment, "rb") as fh:
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        stats.corrupt_lines += 1  # torn final write
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        stats.corrupt_lines += 1
+                        continue
+                    if not isinstance(record, dict) or "key" not in record or "response" not in record:
+                        stats.corrupt_lines += 1
+                        continue
+                    stats.records += 1
+                    yield record
+
+    def latest(self, stats: JournalStats | None = None) -> dict[JournalKey, dict[str, Any]]:
+        """The newest record per (incident_id, narrative_type, text_hash)."""
+        out: dict[JournalKey, dict[str, Any]] = {}
+        for record in self.iter_records(stats):
+            incident_id, narrative_type = record["key"]
+            key = (incident_id, narrative_type, record["text_hash"])
+            prev = out.get(key)
+            if prev is None or (record.get("at", 0), record.get("attempt", 0)) >= (prev.get("at", 0), prev.get("attempt", 0)):
+                out[key] = record
+        return out
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record durably (see module docstring for the guarantee)."""
+        if self._fd is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+            self._fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._last_sync = time.monotonic()
+        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        written = os.write(self._fd, data)
+        if written != len(data):  # a short write means a full disk: the line is torn, say so
+            raise OSError(f"journal {self.root}: short write ({written} of {len(data)} bytes); disk full?")
+        self._dirty = True
+        now = time.monotonic()
+        if now - self._last_sync >= self.fsync_interval_s:
+            os.fsync(self._fd)
+            self._last_sync, self._dirty = now, False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            if self._dirty:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd, self._dirty = None, False
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

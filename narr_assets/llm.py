@@ -1,0 +1,215 @@
+"""Classifier backends: one call for one narrative, returning the raw answer.
+
+A backend makes exactly one attempt per `complete()`; retrying is the engine's job (see
+`classify.py`) so every attempt is counted and the shared rate limit sees it. Errors are
+sorted into two kinds: `TransientError` (429, 5xx, timeouts, dropped connections - worth
+retrying, possibly after a server-given `Retry-After`) and `FatalError` (bad key, unknown
+model, malformed request - retrying cannot help, so the run stops at once and says what to fix).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import openai
+
+from narr_assets.experiments import ExperimentConfig, build_messages
+from narr_assets.parsing import RESULT_SCHEMA
+
+
+@dataclass
+class RawResponse:
+    """What came back from one successful call, before any parsing."""
+
+    content: str | None
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    refusal: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    latency_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RawResponse":
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+class TransientError(Exception):
+    """A failure worth retrying; `retry_after` is the server's requested wait, if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FatalError(Exception):
+    """A failure no retry can fix; the message says what to change."""
+
+
+class Backend(Protocol):
+    journaled: bool
+
+    async def complete(self, text: str) -> RawResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RulesBackend:
+    """The offline lexicon classifier behind the same interface as an LLM."""
+
+    journaled = False  # deterministic and free: nothing to save from a crash
+
+    def __init__(self, cfg: ExperimentConfig):
+        from narr_assets.rules import load_lexicon
+
+        self.lexicon = load_lexicon(cfg.lexicon)
+
+    async def complete(self, text: str) -> RawResponse:
+        from narr_assets.rules import classify
+
+        start = time.perf_counter()
+        verdict = classify(text, self.lexicon)
+        return RawResponse(
+            content=verdict.as_answer_json(), finish_reason="stop", model="rules",
+            latency_s=time.perf_counter() - start,
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _retry_after(headers: Any) -> float | None:
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            return None  # an HTTP date: rare from LLM servers; fall back to our own backoff
+    return None
+
+
+def _describe_fatal(exc: openai.APIStatusError, cfg: ExperimentConfig) -> str:
+    where = f"{cfg.source_file}: endpoint {cfg.model.base_url}, model {cfg.model.name!r}"
+    if exc.status_code == 401:
+        hint = (
+            f"the server rejected the API key; check the variable {cfg.model.api_key_env}"
+            if cfg.model.api_key_env
+            else "the server wants an API key; name its environment variable in model.api_key_env"
+        )
+    elif exc.status_code == 403:
+        hint = "the key is not allowed to use this model or endpoint"
+    elif exc.status_code == 404:
+        hint = "model or endpoint not found; check model.name (see the server's /v1/models) and model.base_url (usually ends in /v1)"
+    else:
+        hint = "the server refused the request; check output.mode (not every server supports json_schema) and the model parameters"
+    return f"{where}: HTTP {exc.status_code}: {hint} ({_error_message(exc)})"
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        if message:
+            return str(message)[:200]
+    return str(exc)[:200]
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat completions endpoint, through the async `openai` SDK."""
+
+    journaled = True
+
+    def __init__(self, cfg: ExperimentConfig):
+        import httpx2 as httpx
+
+        self.cfg = cfg
+        limits = httpx.Limits(max_connections=cfg.run.concurrency, max_keepalive_connections=cfg.run.concurrency)
+        self.client = openai.AsyncOpenAI(
+            base_url=cfg.model.base_url,
+            api_key=cfg.api_key(),
+            max_retries=0,  # the engine retries, so attempts are counted and rate-limited together
+            timeout=cfg.run.timeout_s,
+            http_client=httpx.AsyncClient(limits=limits, timeout=cfg.run.timeout_s),
+        )
+        self.params = self._params()
+
+    def _params(self) -> dict[str, Any]:
+        m = self.cfg.model
+        params: dict[str, Any] = {"model": m.name, "temperature": m.temperature}
+        if m.max_tokens is not None:
+            params["max_tokens"] = m.max_tokens
+        if m.seed is not None:
+            params["seed"] = m.seed
+        mode = self.cfg.output.mode
+        if mode == "json_schema":
+            params["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "ipv_verdict", "schema": RESULT_SCHEMA, "strict": True},
+            }
+        elif mode == "json_object":
+            params["response_format"] = {"type": "json_object"}
+        if m.extra_body:
+            params["extra_body"] = dict(m.extra_body)
+        return params
+
+    async def complete(self, text: str) -> RawResponse:
+        start = time.perf_counter()
+        try:
+            completion = await self.client.chat.completions.create(
+                messages=build_messages(self.cfg, text), **self.params
+            )
+        except openai.APITimeoutError:
+            raise TransientError(f"timed out after {self.cfg.run.timeout_s:g} s") from None
+        except openai.APIConnectionError as exc:
+            raise TransientError(f"connection error: {type(exc.__cause__ or exc).__name__}") from None
+        except openai.APIStatusError as exc:
+            if exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500:
+                raise TransientError(f"HTTP {exc.status_code}", _retry_after(exc.response.headers)) from None
+            raise FatalError(_describe_fatal(exc, self.cfg)) from None
+        except (json.JSONDecodeError, openai.APIResponseValidationError, ValueError) as exc:
+            # A 200 whose body is not JSON: a proxy or server hiccup, worth another try.
+            raise TransientError(f"malformed response body ({type(exc).__name__})") from None
+        latency = time.perf_counter() - start
+        if not getattr(completion, "choices", None):
+            raise TransientError("response without choices")
+        choice = completion.choices[0]
+        message = choice.message
+        extra = getattr(message, "model_extra", None) or {}
+        reasoning = extra.get("reasoning") or extra.get("reasoning_content")
+        usage = completion.usage
+        details = getattr(usage, "completion_tokens_details", None) if usage else None
+        return RawResponse(
+            content=message.content,
+            reasoning=reasoning if isinstance(reasoning, str) else None,
+            finish_reason=choice.finish_reason,
+            refusal=getattr(message, "refusal", None),
+            model=completion.model,
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+            completion_tokens=getattr(usage, "completion_tokens", None),
+            reasoning_tokens=getattr(details, "reasoning_tokens", None) if details else None,
+            latency_s=latency,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def make_backend(cfg: ExperimentConfig) -> Backend:
+    return RulesBackend(cfg) if cfg.backend == "rules" else OpenAIBackend(cfg)

@@ -1,0 +1,90 @@
+"""Where things live: paths resolved from environment variables, lazily.
+
+Nothing here runs at import time; every function reads the environment when it is called, so
+tests and the CLI can point the pipeline elsewhere by setting variables before a run.
+
+| variable           | default                                   | meaning                         |
+|--------------------|-------------------------------------------|---------------------------------|
+| `NARR_SOURCE`      | `data/sample_labelled.xlsx`               | input spreadsheet or CSV        |
+| `NARR_SHEET`       | first sheet                               | sheet name for `.xlsx` input    |
+| `NARR_DB`          | `data/narr.duckdb`                        | DuckDB results database         |
+| `NARR_EXPERIMENTS` | `configs/experiments`                     | folder of experiment YAML files |
+| `NARR_DATA_DIR`    | directory of `NARR_DB`                    | journal, locks, reports, exports|
+| `NARR_BATCH_SIZE`  | `100`                                     | narratives per new batch        |
+| `NARR_LEXICON`     | `configs/lexicon.yaml`                    | lexicon of the `rules` backend  |
+
+Relative paths are resolved against the project root (the folder holding `pyproject.toml`),
+not the current directory, so `dagster dev` and the CLI agree wherever they are started.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _path(var: str, default: str) -> Path:
+    value = os.environ.get(var) or default
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def source_path() -> Path:
+    """The input file (`NARR_SOURCE`)."""
+    return _path("NARR_SOURCE", "data/sample_labelled.xlsx")
+
+
+def source_sheet() -> str | None:
+    """The sheet to read from an `.xlsx` input (`NARR_SHEET`), or None for the first."""
+    return os.environ.get("NARR_SHEET") or None
+
+
+def db_path() -> Path:
+    """The DuckDB database file (`NARR_DB`)."""
+    return _path("NARR_DB", "data/narr.duckdb")
+
+
+def experiments_dir() -> Path:
+    """The folder of experiment YAML files (`NARR_EXPERIMENTS`)."""
+    return _path("NARR_EXPERIMENTS", "configs/experiments")
+
+
+def data_dir() -> Path:
+    """Folder for the journal, locks, reports and exports (`NARR_DATA_DIR`)."""
+    value = os.environ.get("NARR_DATA_DIR")
+    return _path("NARR_DATA_DIR", value) if value else db_path().parent
+
+
+def journal_dir() -> Path:
+    return data_dir() / "journal"
+
+
+def locks_dir() -> Path:
+    return data_dir() / "locks"
+
+
+def reports_dir() -> Path:
+    return data_dir() / "reports"
+
+
+def exports_dir() -> Path:
+    return data_dir() / "exports"
+
+
+def lexicon_path() -> Path:
+    """The lexicon of the `rules` backend (`NARR_LEXICON`)."""
+    return _path("NARR_LEXICON", "configs/lexicon.yaml")
+
+
+def batch_size() -> int:
+    """Narratives per new batch (`NARR_BATCH_SIZE`); existing batches never change."""
+    raw = os.environ.get("NARR_BATCH_SIZE", "100")
+    try:
+        size = int(raw)
+    except ValueError:
+        raise ValueError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}") from None
+    if size < 1:
+        raise ValueError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}")
+    return size

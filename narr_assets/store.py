@@ -1,0 +1,261 @@
+"""DuckDB schema and writes: the data contract researchers query.
+
+Every write is one transaction (replace-by-key), so a crash leaves the old rows or the new
+rows, never half. Write connections are opened per write and closed at once: DuckDB lets one
+process hold a file for writing at a time, so parallel runs take turns for the few
+milliseconds a partition write needs instead of blocking each other for a whole run.
+Connections come from `dagster_duckdb.DuckDBResource`, which retries while another process
+holds the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS raw_narratives (
+    incident_id VARCHAR, narrative_type VARCHAR, narrative_text VARCHAR,
+    manual_flag_ind TINYINT, manual_flag TINYINT, label_error VARCHAR, attributes JSON,
+    source_path VARCHAR, source_sheet VARCHAR, source_row INTEGER,
+    data_checksum VARCHAR, loaded_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS narratives (
+    incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, narrative_text VARCHAR NOT NULL,
+    manual_flag_ind TINYINT, manual_flag TINYINT, is_placeholder BOOLEAN, text_hash VARCHAR,
+    attributes JSON, source_path VARCHAR, source_row INTEGER, data_checksum VARCHAR,
+    loaded_at TIMESTAMPTZ, batch_id VARCHAR,
+    PRIMARY KEY (incident_id, narrative_type)
+);
+CREATE TABLE IF NOT EXISTS rejected_rows (
+    source_path VARCHAR, source_row INTEGER, incident_id VARCHAR, narrative_type VARCHAR,
+    reason VARCHAR, data_checksum VARCHAR
+);
+CREATE TABLE IF NOT EXISTS narrative_conflicts (
+    incident_id VARCHAR, narrative_type VARCHAR, source_row INTEGER, text_hash VARCHAR,
+    manual_flag_ind TINYINT, kept BOOLEAN, reason VARCHAR, data_checksum VARCHAR
+);
+CREATE TABLE IF NOT EXISTS batch_ledger (
+    incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, batch_id VARCHAR NOT NULL,
+    added_at TIMESTAMPTZ DEFAULT current_timestamp,
+    PRIMARY KEY (incident_id, narrative_type)
+);
+CREATE TABLE IF NOT EXISTS ingest_log (
+    data_checksum VARCHAR, source_path VARCHAR, loaded_at TIMESTAMPTZ, stats JSON
+);
+CREATE TABLE IF NOT EXISTS classification_rows (
+    experiment VARCHAR NOT NULL, batch_id VARCHAR NOT NULL,
+    incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL,
+    text_hash VARCHAR, config_hash VARCHAR, status VARCHAR NOT NULL,
+    detected BOOLEAN, confidence DOUBLE, indicators JSON, rationale VARCHAR, error VARCHAR,
+    answer_source VARCHAR, raw_content VARCHAR, raw_reasoning VARCHAR, finish_reason VARCHAR,
+    model VARCHAR, prompt_tokens INTEGER, completion_tokens INTEGER, reasoning_tokens INTEGER,
+    latency_s DOUBLE, attempts INTEGER, from_journal BOOLEAN, parser_version VARCHAR,
+    data_checksum VARCHAR, classified_at TIMESTAMPTZ, written_at TIMESTAMPTZ,
+    PRIMARY KEY (experiment, incident_id, narrative_type)
+);
+CREATE TABLE IF NOT EXISTS experiment_evaluations (
+    experiment VARCHAR PRIMARY KEY, config_hash VARCHAR, evaluation JSON, computed_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS run_log (
+    experiment VARCHAR, config_hash VARCHAR, finished_at TIMESTAMPTZ, batches INTEGER,
+    narratives INTEGER, calls_ok INTEGER, attempts INTEGER, reused INTEGER, skipped INTEGER,
+    failed_batches INTEGER, active_seconds DOUBLE
+);
+CREATE OR REPLACE VIEW classifications AS
+SELECT c.*, n.narrative_text, n.manual_flag_ind, n.manual_flag, n.is_placeholder, n.attributes,
+       (n.text_hash IS DISTINCT FROM c.text_hash) AS is_stale
+FROM classification_rows c
+LEFT JOIN narratives n USING (incident_id, narrative_type);
+"""
+
+CLASSIFICATION_COLUMNS = (
+    "experiment", "batch_id", "incident_id", "narrative_type", "text_hash", "config_hash", "status",
+    "detected", "confidence", "indicators", "rationale", "error", "answer_source", "raw_content",
+    "raw_reasoning", "finish_reason", "model", "prompt_tokens", "completion_tokens",
+    "reasoning_tokens", "latency_s", "attempts", "from_journal", "parser_version",
+    "data_checksum", "classified_at", "written_at",
+)
+
+
+class Store:
+    """Reads and writes of the project's tables through a `DuckDBResource`."""
+
+    def __init__(self, resource: DuckDBResource | str | Path):
+        if not isinstance(resource, DuckDBResource):
+            resource = DuckDBResource(database=str(resource))
+        self.resource = resource
+        self._schema_ready = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.resource.database)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection with the schema in place."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.resource.get_connection() as con:
+            if not self._schema_ready:
+                con.execute(SCHEMA)
+                self._schema_ready = True
+            yield con
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        with self.connect() as con:
+            return con.execute(sql, params or []).df()
+
+    # --- ingestion -------------------------------------------------------------------------
+
+    def replace_raw(self, frame: pd.DataFrame) -> None:
+        with self.transaction() as con:
+            con.execute("DELETE FROM raw_narratives")
+            _insert(con, "raw_narratives", frame)
+
+    def replace_narratives(
+        self,
+        narratives: pd.DataFrame,
+        rejected: pd.DataFrame,
+        conflicts: pd.DataFrame,
+        new_ledger_rows: pd.DataFrame,
+        ingest: dict[str, Any],
+    ) -> None:
+        """Replace the cleaned tables and extend the batch ledger, all in one transaction."""
+        with self.transaction() as con:
+            for table, frame in (("narratives", narratives), ("rejected_rows", rejected), ("narrative_conflicts", conflicts)):
+                con.execute(f"DELETE FROM {table}")
+                _insert(con, table, frame)
+            _insert(con, "batch_ledger", new_ledger_rows)
+            con.execute(
+                "INSERT INTO ingest_log VALUES (?, ?, current_timestamp, ?)",
+                [ingest.get("data_checksum"), ingest.get("source_path"), json.dumps(ingest, default=str)],
+            )
+
+    def read_raw(self) -> pd.DataFrame:
+        return self.query_df("SELECT * FROM raw_narratives ORDER BY source_row, narrative_type")
+
+    def read_ledger(self) -> pd.DataFrame:
+        return self.query_df("SELECT incident_id, narrative_type, batch_id FROM batch_ledger")
+
+    def read_narratives(self, batch_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        if batch_ids is None:
+            return self.query_df("SELECT * FROM narratives ORDER BY batch_id, incident_id, narrative_type")
+        return self.query_df(
+            "SELECT * FROM narratives WHERE batch_id IN (SELECT unnest(?)) ORDER BY batch_id, incident_id, narrative_type",
+            [list(batch_ids)],
+        )
+
+    def batch_ids(self) -> list[str]:
+        """Batches that hold at least one current narrative, in key order."""
+        return list(self.query_df("SELECT DISTINCT batch_id FROM narratives ORDER BY 1")["batch_id"])
+
+    def current_checksum(self) -> str | None:
+        df = self.query_df("SELECT data_checksum FROM ingest_log ORDER BY loaded_at DESC LIMIT 1")
+        return None if df.empty else str(df.iloc[0, 0])
+
+    # --- classification --------------------------------------------------------------------
+
+    def replace_partition(self, experiment: str, batch_id: str, rows: pd.DataFrame) -> None:
+        """Replace one experiment's rows of one batch, atomically."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM classification_rows WHERE experiment = ? AND batch_id = ?", [experiment, batch_id])
+            _insert(con, "classification_rows", rows)
+
+    def read_classifications(self, experiment: str, batch_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        sql = "SELECT * FROM classification_rows WHERE experiment = ?"
+        params: list[Any] = [experiment]
+        if batch_ids is not None:
+            sql += " AND batch_id IN (SELECT unnest(?))"
+            params.append(list(batch_ids))
+        return self.query_df(sql + " ORDER BY batch_id, incident_id, narrative_type", params)
+
+    def partition_status(self, experiment: str, config_hash: str) -> pd.DataFrame:
+        """Per batch: narratives, rows, current rows (same config and text), error rows."""
+        return self.query_df(
+            """
+            SELECT n.batch_id,
+                   count(*) AS narratives,
+                   count(c.status) AS rows,
+                   count(*) FILTER (WHERE c.config_hash = ? AND c.text_hash = n.text_hash) AS current_rows,
+                   count(*) FILTER (WHERE c.status IN ('parse_error', 'refusal', 'truncated')) AS error_rows
+            FROM narratives n
+            LEFT JOIN classification_rows c
+              ON c.experiment = ? AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
+            GROUP BY n.batch_id ORDER BY n.batch_id
+            """,
+            [config_hash, experiment],
+        )
+
+    def log_run(self, summary: Any) -> None:
+        """Record one engine run; `narr status` derives its rate from active time only."""
+        with self.connect() as con:
+            con.execute(
+                "INSERT INTO run_log VALUES (?, ?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [summary.experiment, summary.config_hash, len(summary.batches), summary.narratives,
+                 summary.calls_ok, summary.attempts, summary.reused, summary.skipped,
+                 len(summary.failed_batches), summary.active_seconds],
+            )
+
+    def replace_evaluation(self, experiment: str, config_hash: str, tables: dict[str, pd.DataFrame], evaluation: dict[str, Any]) -> None:
+        """Replace one experiment's evaluation: the JSON document and its flat tables.
+
+        `tables` maps a table name (e.g. `experiment_metrics`) to rows carrying an
+        `experiment` column; a table is created from its first frame, then rows are replaced
+        per experiment, so experiments evaluated at different times share one table.
+        """
+        with self.transaction() as con:
+            for table, frame in tables.items():
+                exists = con.execute(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+                ).fetchone()[0]
+                if not exists:
+                    con.register("_frame", frame)
+                    con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _frame LIMIT 0')
+                    con.unregister("_frame")
+                con.execute(f'DELETE FROM "{table}" WHERE experiment = ?', [experiment])
+                _insert(con, f'"{table}"', frame)
+            con.execute("DELETE FROM experiment_evaluations WHERE experiment = ?", [experiment])
+            con.execute(
+                "INSERT INTO experiment_evaluations VALUES (?, ?, ?, current_timestamp)",
+                [experiment, config_hash, json.dumps(evaluation, default=str)],
+            )
+
+    def read_evaluations(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """experiment -> (config hash, evaluation document)."""
+        df = self.query_df("SELECT experiment, config_hash, evaluation FROM experiment_evaluations ORDER BY experiment")
+        return {r.experiment: (r.config_hash, json.loads(r.evaluation)) for r in df.itertuples()}
+
+    def replace_table(self, table: str, frame: pd.DataFrame) -> None:
+        """Create or replace a derived table (leaderboard, disagreements) from a frame."""
+        with self.transaction() as con:
+            con.register("_frame", frame)
+            con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _frame')
+            con.unregister("_frame")
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
+    if frame is None or frame.empty:
+        return
+    con.register("_frame", frame)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
+    finally:
+        con.unregister("_frame")
