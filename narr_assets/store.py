@@ -104,20 +104,20 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.resource.get_connection() as con:
             if not self._schema_ready:
-                con.execute(SCHEMA)
+                _exec(con, SCHEMA)
                 self._schema_ready = True
             yield con
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
+            _exec(con, "BEGIN TRANSACTION")
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                _exec(con, "ROLLBACK")
                 raise
-            con.execute("COMMIT")
+            _exec(con, "COMMIT")
 
     def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         with self.connect() as con:
@@ -127,7 +127,7 @@ class Store:
 
     def replace_raw(self, frame: pd.DataFrame) -> None:
         with self.transaction() as con:
-            con.execute("DELETE FROM raw_narratives")
+            _exec(con, "DELETE FROM raw_narratives")
             _insert(con, "raw_narratives", frame)
 
     def replace_narratives(
@@ -141,10 +141,10 @@ class Store:
         """Replace the cleaned tables and extend the batch ledger, all in one transaction."""
         with self.transaction() as con:
             for table, frame in (("narratives", narratives), ("rejected_rows", rejected), ("narrative_conflicts", conflicts)):
-                con.execute(f"DELETE FROM {table}")
+                _exec(con, f"DELETE FROM {table}")
                 _insert(con, table, frame)
             _insert(con, "batch_ledger", new_ledger_rows)
-            con.execute(
+            _exec(con, 
                 "INSERT INTO ingest_log VALUES (?, ?, current_timestamp, ?)",
                 [ingest.get("data_checksum"), ingest.get("source_path"), json.dumps(ingest, default=str)],
             )
@@ -176,7 +176,7 @@ class Store:
     def replace_partition(self, experiment: str, batch_id: str, rows: pd.DataFrame) -> None:
         """Replace one experiment's rows of one batch, atomically."""
         with self.transaction() as con:
-            con.execute("DELETE FROM classification_rows WHERE experiment = ? AND batch_id = ?", [experiment, batch_id])
+            _exec(con, "DELETE FROM classification_rows WHERE experiment = ? AND batch_id = ?", [experiment, batch_id])
             _insert(con, "classification_rows", rows)
 
     def read_classifications(self, experiment: str, batch_ids: Sequence[str] | None = None) -> pd.DataFrame:
@@ -207,7 +207,7 @@ class Store:
     def log_run(self, summary: Any) -> None:
         """Record one engine run; `narr status` derives its rate from active time only."""
         with self.connect() as con:
-            con.execute(
+            _exec(con, 
                 "INSERT INTO run_log VALUES (?, ?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [summary.experiment, summary.config_hash, len(summary.batches), summary.narratives,
                  summary.calls_ok, summary.attempts, summary.reused, summary.skipped,
@@ -223,17 +223,15 @@ class Store:
         """
         with self.transaction() as con:
             for table, frame in tables.items():
-                exists = con.execute(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-                ).fetchone()[0]
+                exists = _exec(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][0]
                 if not exists:
                     con.register("_frame", frame)
-                    con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _frame LIMIT 0')
+                    _exec(con, f'CREATE TABLE "{table}" AS SELECT * FROM _frame LIMIT 0')
                     con.unregister("_frame")
-                con.execute(f'DELETE FROM "{table}" WHERE experiment = ?', [experiment])
+                _exec(con, f'DELETE FROM "{table}" WHERE experiment = ?', [experiment])
                 _insert(con, f'"{table}"', frame)
-            con.execute("DELETE FROM experiment_evaluations WHERE experiment = ?", [experiment])
-            con.execute(
+            _exec(con, "DELETE FROM experiment_evaluations WHERE experiment = ?", [experiment])
+            _exec(con, 
                 "INSERT INTO experiment_evaluations VALUES (?, ?, ?, current_timestamp)",
                 [experiment, config_hash, json.dumps(evaluation, default=str)],
             )
@@ -247,8 +245,14 @@ class Store:
         """Create or replace a derived table (leaderboard, disagreements) from a frame."""
         with self.transaction() as con:
             con.register("_frame", frame)
-            con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _frame')
+            _exec(con, f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _frame')
             con.unregister("_frame")
+
+
+def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+    """Execute and drain: DuckDB refuses further work (even `register`) on a connection whose
+    last result was not fetched."""
+    return con.execute(sql, params or []).fetchall()
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> None:
@@ -256,6 +260,6 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame) -> 
         return
     con.register("_frame", frame)
     try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
+        _exec(con, f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
     finally:
         con.unregister("_frame")
