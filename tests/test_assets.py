@@ -1,0 +1,151 @@
+"""Dagster wiring: definitions load, assets materialise on a temporary instance, checks, sensor."""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+import pytest
+
+from conftest import write_experiment, write_long_csv
+from narr_assets import settings
+from narr_assets.definitions import build_definitions
+from narr_assets.ingest import file_checksum
+from narr_assets.sensors import source_change_request, source_file_sensor
+from narr_assets.store import Store
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+INGEST = [dg.AssetKey("raw_narratives"), dg.AssetKey("narratives"), dg.AssetKey("narrative_batches")]
+
+
+def materialize(defs, instance, keys, partition_range=None, run_config=None):
+    tags = {}
+    if partition_range:
+        tags = {"dagster/asset_partition_range_start": partition_range[0], "dagster/asset_partition_range_end": partition_range[1]}
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    return dg.materialize([*assets, *defs.asset_checks], selection=keys, instance=instance,
+                          resources=defs.resources, tags=tags, run_config=run_config, raise_on_error=False)
+
+
+def test_asset_keys_snapshot(project):
+    """A YAML edit that adds or renames an experiment shows up here as a reviewed diff."""
+    defs = build_definitions()
+    keys = sorted(k.to_user_string() for k in defs.resolve_all_asset_keys())
+    assert keys == [
+        "exports", "leaderboard", "narrative_batches", "narratives", "raw_narratives", "report",
+        "rules/classifications", "rules/metrics", "source_file",
+    ]
+    checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in defs.resolve_asset_graph().asset_check_keys)
+    assert checks == [
+        "narratives:checksum_matches_source_file", "narratives:keys_unique", "narratives:labels_valid",
+        "narratives:text_not_empty", "rules/classifications:confidence_in_range",
+        "rules/classifications:error_rate_below_threshold", "rules/classifications:one_row_per_narrative",
+    ]
+
+
+def test_shipped_definitions_load_with_all_experiments(monkeypatch):
+    monkeypatch.delenv("NARR_EXPERIMENTS", raising=False)
+    defs = build_definitions()
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    for name in ("rules", "llm_baseline", "llm_indicators", "llm_strict", "llm_context"):
+        assert f"{name}/classifications" in keys and f"{name}/metrics" in keys
+    cls = defs.get_assets_def(dg.AssetKey(["llm_strict", "classifications"]))
+    assert cls.code_versions_by_key[cls.key]  # the config hash
+
+
+def test_whole_graph_on_a_temporary_instance(project, server):
+    source = write_long_csv(project / "input.csv", 30, placeholders=2)
+    import os
+
+    os.environ["NARR_SOURCE"] = str(source)
+    os.environ["NARR_BATCH_SIZE"] = "20"
+    write_experiment(project / "experiments", "llm", server.base_url)
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        result = materialize(defs, instance, INGEST)
+        assert result.success
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {"keys_unique": True, "text_not_empty": True, "labels_valid": True, "checksum_matches_source_file": True}
+        partitions = instance.get_dynamic_partitions("narrative_batches")
+        assert partitions == ["b00000", "b00001", "b00002"]
+        # One run over all partitions of the LLM experiment.
+        result = materialize(defs, instance, [dg.AssetKey(["llm", "classifications"])], ("b00000", "b00002"))
+        assert result.success
+        assert server.stats()["completions_ok"] == 58
+        mats = result.get_asset_materialization_events()
+        assert {m.partition for m in mats} == set(partitions)
+        meta = mats[0].materialization.metadata
+        assert meta["calls_ok"].value == 58 and meta["skipped_placeholders"].value == 2
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {"one_row_per_narrative": True, "error_rate_below_threshold": True, "confidence_in_range": True}
+        # Again: zero calls.
+        assert materialize(defs, instance, [dg.AssetKey(["llm", "classifications"])], ("b00000", "b00002")).success
+        assert server.stats()["chat_requests"] == 58
+        result = materialize(defs, instance, [dg.AssetKey(["llm", "metrics"]), dg.AssetKey("leaderboard"), dg.AssetKey("report")])
+        assert result.success
+        store = Store(settings.db_path())
+        board = store.query_df("SELECT experiment, n_rows FROM leaderboard")
+        assert list(board["experiment"]) == ["llm"] and int(board["n_rows"].iloc[0]) == 60
+        assert (settings.reports_dir() / "report.html").stat().st_size > 10_000
+
+
+def test_checksum_check_fails_until_reingested(project):
+    source = write_long_csv(project / "input.csv", 5)
+    import os
+
+    os.environ["NARR_SOURCE"] = str(source)
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        assert materialize(defs, instance, INGEST).success
+        with open(source, "a") as fh:
+            fh.write("9999,cme,A new narrative about a fall from a ladder.,0\n")
+        result = materialize(defs, instance, [dg.AssetKey("narratives")])
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks["checksum_matches_source_file"] is False
+        assert materialize(defs, instance, INGEST).success
+        assert Store(settings.db_path()).current_checksum() == file_checksum(source)
+
+
+def test_failed_ingest_leaves_previous_tables(project):
+    source = write_long_csv(project / "input.csv", 5)
+    import os
+
+    os.environ["NARR_SOURCE"] = str(source)
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        assert materialize(defs, instance, INGEST).success
+        before = Store(settings.db_path()).read_narratives()
+        source.write_text("incident_id,wrong_column\n1,2\n")
+        result = materialize(defs, instance, INGEST)
+        assert not result.success
+        after = Store(settings.db_path()).read_narratives()
+        assert len(after) == len(before) == 10
+
+
+def test_sensor_requests_one_run_per_new_checksum(project):
+    source = write_long_csv(project / "input.csv", 3)
+    import os
+
+    os.environ["NARR_SOURCE"] = str(source)
+    first = file_checksum(source)
+    decision = source_change_request(first, None)
+    assert isinstance(decision, dg.RunRequest) and decision.run_key == first
+    assert isinstance(source_change_request(first, first), dg.SkipReason)  # unchanged: nothing
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, cursor=first)
+        result = source_file_sensor(ctx)
+        assert not result.run_requests
+        with open(source, "a") as fh:
+            fh.write("77,le,Another narrative.,0\n")
+        ctx = dg.build_sensor_context(instance=instance, cursor=first)
+        result = source_file_sensor(ctx)
+        assert len(result.run_requests) == 1
+        assert result.run_requests[0].run_key == file_checksum(source) == result.cursor
+
+
+def test_experiment_file_error_fails_loading_with_file_name(project):
+    bad = project / "experiments" / "broken.yaml"
+    bad.write_text("backend: openai\nmodel:\n  temperature: 9\n")
+    with pytest.raises(Exception, match="broken.yaml"):
+        build_definitions()
