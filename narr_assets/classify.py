@@ -72,6 +72,7 @@ class RunSummary:
     reused: int = 0
     skipped: int = 0
     written_batches: list[str] = field(default_factory=list)
+    up_to_date_batches: list[str] = field(default_factory=list)
     failed_batches: dict[str, str] = field(default_factory=dict)
     status_counts: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
@@ -416,7 +417,20 @@ def classify_batches(
         FatalError: the endpoint refused in a way retrying cannot fix.
         ClassificationFailed: some batches failed after retries (the rest were written).
     """
-    batch_ids = sorted(set(batch_ids))
+    requested = sorted(set(batch_ids))
+    # Batches already complete for this config and these texts are left alone (not locked,
+    # not rewritten): a run over a range of partitions only works where work is missing.
+    status = store.partition_status(cfg.name, cfg.config_hash).set_index("batch_id")
+    complete = {
+        b for b in requested
+        if b in status.index and status.at[b, "current_rows"] == status.at[b, "narratives"]
+        and not (retry_errors and status.at[b, "error_rows"] > 0)
+    }
+    batch_ids = [b for b in requested if b not in complete]
+    if not batch_ids:
+        summary = RunSummary(cfg.name, cfg.config_hash, batches=requested, up_to_date_batches=sorted(complete))
+        log(f"{cfg.name}: all {len(requested)} batch(es) are up to date; nothing to ask")
+        return summary
     with partition_locks(locks_dir, cfg.name, batch_ids):
         narratives = store.read_narratives(batch_ids)
         items = work_items(narratives)
@@ -431,6 +445,7 @@ def classify_batches(
         summary = asyncio.run(
             run_engine(cfg, items, backend, journal, write, retry_errors=retry_errors, log=log, progress_every_s=progress_every_s)
         )
+        summary.up_to_date_batches = sorted(complete)
     if summary.failed_batches:
         detail = "; ".join(f"{b}: {why}" for b, why in sorted(summary.failed_batches.items())[:5])
         raise ClassificationFailed(

@@ -111,15 +111,40 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
     from narr_assets.pipeline import partition_state
 
     state = partition_state(_store(), cfg)
-    todo = sorted(partitions) if partitions else state.to_run(retry_errors)
+    run_config = {"ops": {f"{cfg.name}__classifications": {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}}
+    key = _key(cfg.name, "classifications")
+    if partitions:
+        # Exactly these partitions: one run per contiguous stretch, so no run touches (or
+        # locks) a batch that was not asked for - other processes may be working on those.
+        known = set(state.table["batch_id"])
+        unknown = sorted(set(partitions) - known)
+        if unknown:
+            raise SystemExit(f"narr: unknown partition(s) {', '.join(unknown)}; see `narr status {cfg.name}`")
+        ok = True
+        for start, end in contiguous_ranges(sorted(partitions), sorted(known)):
+            print(f"narr: {cfg.name}: running partitions {start} .. {end}, config {cfg.config_hash}")
+            ok = runner.materialize([key], partition_range=(start, end), run_config=run_config) and ok
+        return ok
+    todo = state.to_run(retry_errors)
     if not todo:
         print(f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; nothing to do")
         return True
     # One run over the range spanning every batch to do keeps the endpoint busy across
-    # batches; complete batches inside the range are re-written from the journal, not re-asked.
+    # batches; complete batches inside the range are skipped by the asset, not re-asked.
     print(f"narr: {cfg.name}: {len(todo)} batch(es) to run ({todo[0]} .. {todo[-1]}), config {cfg.config_hash}")
-    run_config = {"ops": {f"{cfg.name}__classifications": {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}}
-    return runner.materialize([_key(cfg.name, "classifications")], partition_range=(todo[0], todo[-1]), run_config=run_config)
+    return runner.materialize([key], partition_range=(todo[0], todo[-1]), run_config=run_config)
+
+
+def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
+    """Group `selected` keys into (first, last) stretches that are contiguous in `ordered`."""
+    position = {k: i for i, k in enumerate(ordered)}
+    ranges: list[tuple[str, str]] = []
+    for key in sorted(selected, key=position.__getitem__):
+        if ranges and position[key] == position[ranges[-1][1]] + 1:
+            ranges[-1] = (ranges[-1][0], key)
+        else:
+            ranges.append((key, key))
+    return ranges
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
