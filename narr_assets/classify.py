@@ -292,16 +292,17 @@ async def run_engine(
             pending[batch_id] += 1
 
     write_queue: asyncio.Queue[str | None] = asyncio.Queue()
-    write_errors: list[BaseException] = []
 
     async def writer() -> None:
         while (batch_id := await write_queue.get()) is not None:
             try:
                 await asyncio.to_thread(write_batch, batch_id, rows_frame(rows[batch_id]))
                 summary.written_batches.append(batch_id)
-            except BaseException as exc:  # a failed write must stop the run, not vanish
-                write_errors.append(exc)
-                summary.failed_batches[batch_id] = f"write failed: {exc}"
+            except Exception as exc:  # e.g. disk full: the transaction rolled back, old rows stay
+                summary.failed_batches[batch_id] = (
+                    f"writing the batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "its previous rows are intact and its answers are journalled"
+                )
 
     writer_task = asyncio.create_task(writer())
     for batch_id in sorted(items_by_batch):
@@ -351,11 +352,18 @@ async def run_engine(
                 now = time.time()
                 attempt = previous + 1
                 if journal is not None and backend.journaled:
-                    journal.append({
-                        "key": [item.incident_id, item.narrative_type], "text_hash": item.text_hash,
-                        "config_hash": cfg.config_hash, "attempt": attempt, "at": now,
-                        "response": raw.to_dict(),
-                    })
+                    try:
+                        journal.append({
+                            "key": [item.incident_id, item.narrative_type], "text_hash": item.text_hash,
+                            "config_hash": cfg.config_hash, "attempt": attempt, "at": now,
+                            "response": raw.to_dict(),
+                        })
+                    except OSError as exc:
+                        # Without the journal a crash could lose paid answers: stop now.
+                        raise FatalError(
+                            f"cannot write the journal under {journal.root}: {exc}; free disk space and re-run "
+                            "(answers journalled so far are kept)"
+                        ) from None
                 summary.calls_ok += 1
                 summary.prompt_tokens += raw.prompt_tokens or 0
                 summary.completion_tokens += raw.completion_tokens or 0
@@ -394,8 +402,6 @@ async def run_engine(
             summary.status_counts[row["status"]] = summary.status_counts.get(row["status"], 0) + 1
     if fatal:
         raise fatal[0]
-    if write_errors:
-        raise write_errors[0]
     return summary
 
 

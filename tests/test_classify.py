@@ -48,8 +48,13 @@ def test_one_call_per_narrative_then_none(project, ingested, server):
     # Materialising again re-uses the journal: zero calls.
     again = run(cfg, store, batches)
     assert server.stats()["chat_requests"] == 76
-    assert again.reused == 76 and again.calls_ok == 0
+    assert again.up_to_date_batches == batches and again.calls_ok == 0
     assert len(store.read_classifications("llm")) == 80
+    # A batch whose rows are gone is rebuilt from the journal, still with zero calls.
+    store.replace_partition("llm", batches[3], store.read_classifications("llm").iloc[0:0])
+    rebuilt = run(cfg, store, batches)
+    assert rebuilt.reused == 10 and rebuilt.calls_ok == 0 and rebuilt.written_batches == [batches[3]]
+    assert server.stats()["chat_requests"] == 76 and len(store.read_classifications("llm")) == 80
     assert partition_state(store, cfg).missing == []
 
 
