@@ -1,0 +1,626 @@
+"""Self-contained HTML report of experiment evaluations.
+
+The report is one HTML file with inline CSS and inline SVG plots: no scripts, no network, no
+external fonts, so it opens on an air-gapped machine and can be archived next to the data.
+It contains restricted-use narrative text (in the disagreement tables) and must be handled
+like the input file.
+
+Plots are drawn with matplotlib's object API (``matplotlib.figure.Figure``, no pyplot), which
+renders without a GUI backend and without touching global backend state. matplotlib is
+imported only when a report is rendered: its import reads rc files and environment
+variables, which must not happen when Dagster loads the definitions. SVG output is made
+deterministic (fixed ``svg.hashsalt``, no date metadata) so re-rendering unchanged
+evaluations gives a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from narr_assets.evaluation import NARRATIVE_TYPES, SCOPES, STATUSES, VARIANTS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_VARIANT_COLOURS = {"answered": "#4c78a8", "strict": "#e45756"}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5rem auto;
+       max-width: 1200px; padding: 0 1rem; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6rem; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2rem; margin-top: 2.2rem; }
+h3 { margin-top: 1.6rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .85rem; }
+th, td { border: 1px solid #ccc; padding: .2rem .45rem; text-align: right; vertical-align: top; }
+th { background: #f3f3f3; }
+td.t, th.t { text-align: left; }
+.ci { color: #666; font-size: .8em; white-space: nowrap; }
+.note { color: #555; font-size: .9rem; }
+.warn { background: #fff4e5; border: 1px solid #f0b56b; padding: .5rem .8rem; }
+.grid { display: flex; flex-wrap: wrap; gap: 1rem; }
+.cm td, .cm th { min-width: 3rem; text-align: center; }
+.narr { white-space: pre-wrap; text-align: left; max-width: 50rem; font-size: .8rem; }
+details { margin: .6rem 0; } summary { cursor: pointer; font-weight: 600; }
+figure { margin: .5rem 0; } svg { max-width: 100%; height: auto; }
+"""
+
+
+# --------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _missing(v: Any) -> bool:
+    if v is None or v is pd.NA:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if _missing(v):
+        return "&ndash;"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return f"{v:,}"
+    f = float(v)
+    if f.is_integer() and abs(f) >= 1000:
+        return f"{int(f):,}"
+    return _esc(f"{f:.{digits}f}")
+
+
+def _pct(v: Any) -> str:
+    return "&ndash;" if _missing(v) else _esc(f"{100 * float(v):.1f}%")
+
+
+def _with_ci(v: Any, low: Any, high: Any) -> str:
+    if _missing(v):
+        return "&ndash;"
+    ci = "" if _missing(low) else f' <span class="ci">[{_num(low, 2)}, {_num(high, 2)}]</span>'
+    return f"{_num(v)}{ci}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], text_cols: Sequence[int] = (), cls: str = "") -> str:
+    """An HTML table; cells must already be escaped/formatted."""
+    text = set(text_cols)
+    head = "".join(f'<th class="t">{h}</th>' if i in text else f"<th>{h}</th>" for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="t">{c}</td>' if i in text else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    cls_attr = f' class="{cls}"' if cls else ""
+    return f"<table{cls_attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --------------------------------------------------------------------------------------
+# SVG plots
+# --------------------------------------------------------------------------------------
+
+
+class _SvgRenderer:
+    """Renders figures to inline SVG with ids unique across the whole report."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def render(self, fig: Figure, alt: str) -> str:
+        self.count += 1
+        prefix = f"f{self.count}-"
+        import matplotlib
+
+        buf = io.StringIO()
+        rc = {"svg.hashsalt": f"narr-assets-{self.count}", "svg.fonttype": "none"}
+        with matplotlib.rc_context(rc):
+            fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+        svg = buf.getvalue()
+        # Inline SVG in HTML5 needs neither the XML prolog, the DOCTYPE, the namespace
+        # declarations nor the RDF metadata; all of them carry http:// URIs, which would
+        # make "no external references" impossible to check.
+        svg = svg[svg.index("<svg") :]
+        svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+        svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+        # matplotlib numbers ids per figure (figure_1, axes_1, ...); prefix them so several
+        # figures in one document neither collide nor cross-reference.
+        svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', svg)
+        svg = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', svg)
+        svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})", svg)
+        svg = svg.replace("<svg ", f'<svg role="img" aria-label="{_esc(alt)}" ', 1)
+        return f"<figure>{svg}</figure>"
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _nan(v: Any) -> float:
+    return math.nan if _missing(v) else float(v)
+
+
+def _err(v: Any, low: Any, high: Any) -> tuple[float, float]:
+    if _missing(v) or _missing(low):
+        return (0.0, 0.0)
+    return (max(0.0, float(v) - float(low)), max(0.0, float(high) - float(v)))
+
+
+def _fig_forest(lb: pd.DataFrame) -> Figure | None:
+    if lb.empty or "f1" not in lb.columns or lb["f1"].isna().all():
+        return None
+    names = [str(e) for e in lb["experiment"]][::-1]
+    fig = _figure(7, 0.45 * len(names) + 1.2)
+    ax = fig.subplots()
+    series = (
+        ("f1", "strict", _VARIANT_COLOURS["strict"], "o"),
+        ("answered_f1", "answered", _VARIANT_COLOURS["answered"], "s"),
+    )
+    for offset, (col, label, colour, marker) in enumerate(series):
+        if col not in lb.columns:
+            continue
+        vals = [_nan(v) for v in lb[col]][::-1]
+        lows = list(lb.get(f"{col}_ci_low", pd.Series([None] * len(lb))))[::-1]
+        highs = list(lb.get(f"{col}_ci_high", pd.Series([None] * len(lb))))[::-1]
+        errs = [_err(v, lo, hi) for v, lo, hi in zip(vals, lows, highs)]
+        ys = [i + (0.15 if offset == 0 else -0.15) for i in range(len(names))]
+        xerr = [[e[0] for e in errs], [e[1] for e in errs]]
+        ax.errorbar(vals, ys, xerr=xerr, fmt=marker, color=colour, capsize=3, label=f"F1 ({label})")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 with 95% bootstrap interval (overall narratives)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def _fig_scope_bars(ev: dict[str, Any]) -> Figure | None:
+    scopes = ev["scopes"]
+    if all(scopes[s]["strict"]["n_labelled"] == 0 for s in SCOPES):
+        return None
+    fig = _figure(10, 3.2)
+    axes = fig.subplots(1, 3, sharey=True)
+    width = 0.38
+    for ax, metric in zip(axes, ("precision", "recall", "f1")):
+        for j, variant in enumerate(VARIANTS):
+            xs, vals, lo, hi = [], [], [], []
+            for i, s in enumerate(SCOPES):
+                m = scopes[s][variant]
+                xs.append(i + (j - 0.5) * width)
+                vals.append(_nan(m[metric]))
+                e = _err(m[metric], m[f"{metric}_ci_low"], m[f"{metric}_ci_high"])
+                lo.append(e[0])
+                hi.append(e[1])
+            heights = [0 if math.isnan(v) else v for v in vals]
+            ax.bar(xs, heights, width, color=_VARIANT_COLOURS[variant], label=variant, alpha=0.85)
+            ax.errorbar(xs, vals, yerr=[lo, hi], fmt="none", ecolor="#333", capsize=2, linewidth=1)
+        ax.set_xticks(range(len(SCOPES)), list(SCOPES))
+        ax.set_ylim(0, 1.05)
+        ax.set_title("F1" if metric == "f1" else metric.capitalize())
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def _fig_calibration(ev: dict[str, Any]) -> Figure | None:
+    cal = ev.get("calibration")
+    if not cal or not cal.get("n"):
+        return None
+    bins = [b for b in cal["bins"] if b["count"]]
+    fig = _figure(4.2, 4)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999", linewidth=1, label="perfect")
+    ax.plot(
+        [b["mean_predicted"] for b in bins],
+        [b["observed_rate"] for b in bins],
+        marker="o",
+        color=_VARIANT_COLOURS["answered"],
+        label="observed",
+    )
+    for b in bins:
+        xy = (b["mean_predicted"], b["observed_rate"])
+        ax.annotate(str(b["count"]), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean P(positive) in bin")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title(f"Reliability (Brier {cal['brier']:.3f})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def _hist_axes(ax: Any, hist: dict[str, list], colour: str) -> None:
+    edges, counts = hist["edges"], hist["counts"]
+    widths = [edges[i + 1] - edges[i] for i in range(len(counts))]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color=colour, edgecolor="white", linewidth=0.5)
+    ax.set_ylabel("narratives")
+
+
+def _fig_latency(ev: dict[str, Any]) -> Figure | None:
+    lat = ev.get("latency") or {}
+    if not lat.get("hist"):
+        return None
+    fig = _figure(4.5, 3)
+    ax = fig.subplots()
+    _hist_axes(ax, lat["hist"], "#72b7b2")
+    ax.axvline(lat["median_s"], color="#333", linestyle="--", linewidth=1, label="median")
+    ax.axvline(lat["p95_s"], color="#e45756", linestyle=":", linewidth=1, label="p95")
+    ax.set_xlabel("latency per narrative (s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _fig_tokens(ev: dict[str, Any]) -> Figure | None:
+    kinds = [k for k, v in (ev.get("tokens") or {}).items() if v.get("hist")]
+    if not kinds:
+        return None
+    fig = _figure(3.6 * len(kinds), 3)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind, colour in zip(axes, kinds, ("#54a24b", "#eeca3b", "#b279a2")):
+        _hist_axes(ax, ev["tokens"][kind]["hist"], colour)
+        ax.set_xlabel(f"{kind} tokens per narrative")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+_LEADERBOARD_VIEW: tuple[tuple[str, str, str], ...] = (
+    # (header, column, kind) kind: text | int | num | numD (D decimals) | pct | ci (with
+    # the column's _ci_low/_ci_high)
+    ("#", "rank", "int"),
+    ("experiment", "experiment", "text"),
+    ("rows", "n_rows", "int"),
+    ("answered", "answered_share", "pct"),
+    ("errors", "n_errors", "int"),
+    ("skipped", "n_skipped", "int"),
+    ("labelled", "n_labelled", "int"),
+    ("F1 strict", "f1", "ci"),
+    ("precision", "precision", "ci"),
+    ("recall", "recall", "ci"),
+    ("MCC", "mcc", "num"),
+    ("F1 answered", "answered_f1", "ci"),
+    ("F1 incident", "incident_f1", "ci"),
+    ("F1 CME", "cme_f1", "num"),
+    ("F1 LE", "le_f1", "num"),
+    ("incident prevalence", "prevalence_incident", "pct"),
+    ("CME/LE agree", "cme_le_agreement", "pct"),
+    ("Brier", "brier", "num"),
+    ("latency mean (s)", "latency_mean_s", "num2"),
+    ("prompt tok/narr", "prompt_tokens_mean", "num0"),
+    ("completion tok/narr", "completion_tokens_mean", "num0"),
+)
+
+
+def _cell(row: pd.Series, col: str, kind: str) -> str:
+    v = row.get(col)
+    if kind == "text":
+        return _esc(v)
+    if kind == "int":
+        return "&ndash;" if _missing(v) else _esc(f"{int(v):,}")
+    if kind == "pct":
+        return _pct(v)
+    if kind == "ci":
+        return _with_ci(v, row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high"))
+    return _num(v, int(kind[3:]) if kind[3:] else 3)
+
+
+def _leaderboard_section(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
+    parts = ["<h2 id=\"leaderboard\">Leaderboard</h2>"]
+    if lb.empty:
+        return parts[0] + '<p class="note">No experiments.</p>'
+    view = [(h, c, k) for h, c, k in _LEADERBOARD_VIEW if c in lb.columns]
+    if len(view) < 2:
+        view = [(str(c), str(c), "text") for c in lb.columns]
+    text_cols = [i for i, (_, _, k) in enumerate(view) if k == "text"]
+    rows = [[_cell(r, c, k) for _, c, k in view] for _, r in lb.iterrows()]
+    parts.append(_table([_esc(h) for h, _, _ in view], rows, text_cols))
+    parts.append(
+        '<p class="note">Sorted by strict F1 on all labelled narratives: parse errors, refusals, '
+        "truncations and failures count as wrong, skipped placeholders as negative. "
+        "&ldquo;Answered&rdquo; metrics use only narratives the model answered. Brackets are 95% "
+        "intervals (Wilson for proportions, percentile bootstrap for F1). With a few dozen "
+        "positives, overlapping intervals mean the ranking is not settled; see the paired tests.</p>"
+    )
+    fig = _fig_forest(lb)
+    if fig is not None:
+        parts.append(svg.render(fig, "F1 by experiment with 95% intervals"))
+    return "".join(parts)
+
+
+def _metrics_table(ev: dict[str, Any]) -> str:
+    header = ["scope", "variant", "n / labelled", "TP", "FP", "TN", "FN"]
+    header += ["precision", "recall", "specificity", "accuracy", "F1", "MCC", "kappa"]
+    with_ci = ("precision", "recall", "specificity", "accuracy", "f1")
+    rows = []
+    for s in SCOPES:
+        for v in VARIANTS:
+            m = ev["scopes"][s][v]
+            rows.append(
+                [
+                    _esc(s),
+                    _esc(v),
+                    f"{m['n']:,} / {m['n_labelled']:,}",
+                    *(_esc(m[k]) for k in ("tp", "fp", "tn", "fn")),
+                    *(_with_ci(m[k], m[f"{k}_ci_low"], m[f"{k}_ci_high"]) for k in with_ci),
+                    _num(m["mcc"]),
+                    _num(m["kappa"]),
+                ]
+            )
+    return _table(header, rows, text_cols=(0, 1))
+
+
+def _confusion_tables(ev: dict[str, Any]) -> str:
+    cells = []
+    for v in VARIANTS:
+        for s in SCOPES:
+            m = ev["scopes"][s][v]
+            body = _table(
+                ["", "pred +", "pred &minus;"],
+                [["label +", _esc(m["tp"]), _esc(m["fn"])], ["label &minus;", _esc(m["fp"]), _esc(m["tn"])]],
+                cls="cm",
+            )
+            cells.append(f"<div><strong>{_esc(s)}</strong> <span class=\"note\">({_esc(v)})</span>{body}</div>")
+    return f'<div class="grid">{"".join(cells)}</div>'
+
+
+def _coverage_block(ev: dict[str, Any]) -> str:
+    cov = ev["coverage"]
+    rows = [
+        [_esc(st), _esc(cov["by_status"][st]), *(_esc(cov["by_type"][t]["by_status"][st]) for t in NARRATIVE_TYPES)]
+        for st in STATUSES
+    ]
+    rows.append(["<strong>total</strong>", _esc(cov["n_rows"]), *(_esc(cov["by_type"][t]["n_rows"]) for t in NARRATIVE_TYPES)])
+    lab = ev["labels"]
+    summary = (
+        f"<p>{cov['n_rows']:,} narratives from {cov['n_incidents']:,} incidents; answered "
+        f"{_pct(cov['answered_share'])} ({_pct(cov['answered_share_excl_skipped'])} of non-skipped); "
+        f"{cov['n_errors']:,} errors. Labels: {lab['n_labelled_narratives']:,} narratives "
+        f"({lab['n_positive_narratives']:,} positive), {lab['n_labelled_incidents']:,} incidents "
+        f"({lab['n_positive_incidents']:,} positive).</p>"
+    )
+    if cov["n_ok_without_verdict"]:
+        summary += f'<p class="warn">{cov["n_ok_without_verdict"]:,} rows have status ok but no verdict; they count as errors.</p>'
+    return summary + _table(["status", "all", *NARRATIVE_TYPES], rows, text_cols=(0,))
+
+
+def _prevalence_block(ev: dict[str, Any]) -> str:
+    rows = [
+        [_esc(s), _esc(p["n"]), _esc(p["n_detected"]), _with_ci(p["share"], p["ci_low"], p["ci_high"])]
+        for s, p in ((s, ev["prevalence"][s]) for s in SCOPES)
+    ]
+    ag = ev["agreement"]
+    agree = (
+        f"<p>CME/LE agreement on {ag['n_incidents_both_answered']:,} incidents with both narratives answered: "
+        f"{_with_ci(ag['agreement'], ag['agreement_ci_low'], ag['agreement_ci_high'])}, kappa {_num(ag['kappa'])} "
+        f"(both positive {ag['both_detected']}, CME only {ag['cme_only']}, LE only {ag['le_only']}, "
+        f"neither {ag['neither']}).</p>"
+    )
+    return _table(["scope", "answered", "detected", "share detected"], rows, text_cols=(0,)) + agree
+
+
+def _cost_block(ev: dict[str, Any]) -> str:
+    lat = ev["latency"]
+    rows = [
+        [_esc(k), _esc(v["n"]), _num(v["total"]), _num(v["mean"], 1), _num(v["median"], 1), _num(v["p95"], 1), _num(v["max"])]
+        for k, v in ev["tokens"].items()
+    ]
+    lat_line = (
+        f"<p>Latency over {lat['n']:,} calls: mean {_num(lat['mean_s'], 2)} s, median {_num(lat['median_s'], 2)} s, "
+        f"p95 {_num(lat['p95_s'], 2)} s, max {_num(lat['max_s'], 2)} s, total {_num(lat['total_s'], 0)} s.</p>"
+    )
+    return lat_line + _table(["tokens", "n", "total", "mean", "median", "p95", "max"], rows, text_cols=(0,))
+
+
+def _experiment_section(i: int, ev: dict[str, Any], svg: _SvgRenderer) -> str:
+    name = ev.get("experiment")
+    parts = [f'<h2 id="exp-{i}">Experiment: {_esc(name)}</h2>', "<h3>Coverage</h3>", _coverage_block(ev)]
+    parts.append("<h3>Metrics</h3>")
+    if ev["labels"]["n_labelled_narratives"] == 0 and ev["labels"]["n_labelled_incidents"] == 0:
+        parts.append('<p class="note">No manual labels: label metrics are undefined.</p>')
+    else:
+        parts.append(_metrics_table(ev))
+        fig = _fig_scope_bars(ev)
+        if fig is not None:
+            parts.append(svg.render(fig, f"Precision, recall and F1 of {name}"))
+        parts.append("<h3>Confusion matrices</h3>")
+        parts.append(_confusion_tables(ev))
+    parts.append("<h3>Prevalence and CME/LE agreement</h3>")
+    parts.append(_prevalence_block(ev))
+    parts.append("<h3>Calibration</h3>")
+    fig = _fig_calibration(ev)
+    if fig is None:
+        parts.append('<p class="note">No confidences on answered, labelled narratives.</p>')
+    else:
+        cal = ev["calibration"]
+        parts.append(
+            f"<p>{cal['n']:,} narratives; Brier score {_num(cal['brier'])}, expected calibration error "
+            f"{_num(cal['ece'])}. P(positive) is the confidence for a positive verdict and one minus "
+            "the confidence for a negative verdict.</p>"
+        )
+        parts.append(svg.render(fig, f"Reliability diagram of {name}"))
+    parts.append("<h3>Latency and tokens</h3>")
+    parts.append(_cost_block(ev))
+    figs = [f for f in (_fig_latency(ev), _fig_tokens(ev)) if f is not None]
+    if figs:
+        rendered = "".join(svg.render(f, f"Latency and token distribution of {name}") for f in figs)
+        parts.append(f'<div class="grid">{rendered}</div>')
+    return "".join(parts)
+
+
+def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
+    head = '<h2 id="pairwise">Pairwise comparisons</h2>'
+    if not pairwise:
+        return head + '<p class="note">No pairwise comparisons.</p>'
+    header = [
+        "A", "B", "common", "both answered", "verdict agreement", "kappa",
+        "A+ B&minus; / A&minus; B+", "p (verdicts)",
+        "answered: only A right / only B right", "p (answered)",
+        "strict: only A right / only B right", "p (strict)", "strict F1 A / B",
+    ]  # fmt: skip
+    rows = [
+        [
+            _esc(p.get("experiment_a")),
+            _esc(p.get("experiment_b")),
+            _esc(p.get("n_common")),
+            _esc(p.get("n_both_answered")),
+            _pct(p.get("verdict_agreement")),
+            _num(p.get("verdict_kappa")),
+            f"{_esc(p.get('verdict_a_pos_b_neg'))} / {_esc(p.get('verdict_a_neg_b_pos'))}",
+            _num(p.get("verdict_mcnemar_p"), 4),
+            f"{_esc(p.get('answered_a_only_correct'))} / {_esc(p.get('answered_b_only_correct'))}",
+            _num(p.get("answered_mcnemar_p"), 4),
+            f"{_esc(p.get('strict_a_only_correct'))} / {_esc(p.get('strict_b_only_correct'))}",
+            _num(p.get("strict_mcnemar_p"), 4),
+            f"{_num(p.get('strict_f1_a'))} / {_num(p.get('strict_f1_b'))}",
+        ]
+        for p in pairwise
+    ]
+    note = (
+        '<p class="note">Pairs are the same narrative (incident, type) in both experiments. '
+        "p-values are two-sided exact McNemar tests on the discordant pairs; a small p for the "
+        "verdicts means one experiment flags systematically more than the other, a small p for "
+        "correctness means one is right more often.</p>"
+    )
+    return head + _table(header, rows, text_cols=(0, 1)) + note
+
+
+def _indicators(v: Any) -> str:
+    if _missing(v):
+        return ""
+    try:
+        parsed = json.loads(v) if isinstance(v, str) else v
+    except ValueError:
+        return _esc(v)
+    if isinstance(parsed, list):
+        return "<br>".join(_esc(x) for x in parsed)
+    return _esc(v)
+
+
+def _disagreement_section(disagreements: dict[str, pd.DataFrame]) -> str:
+    head = (
+        '<h2 id="disagreements">Disagreements</h2>'
+        '<p class="warn">The tables below quote restricted-use narrative text. Handle this file like '
+        "the input data.</p>"
+    )
+    if not disagreements:
+        return head + '<p class="note">No disagreement tables.</p>'
+    parts = [head]
+    header = ["kind", "incident", "type", "label", "detected", "confidence", "indicators", "rationale", "narrative"]
+    for name, df in disagreements.items():
+        kinds = df["kind"].value_counts() if "kind" in df.columns else pd.Series(dtype=int)
+        n_fn, n_fp = int(kinds.get("FN", 0)), int(kinds.get("FP", 0))
+        rows = [
+            [
+                _esc(r.get("kind")),
+                _esc(r.get("incident_id")),
+                _esc(r.get("narrative_type")),
+                "&ndash;" if _missing(r.get("manual_flag_ind")) else _esc(int(r.get("manual_flag_ind"))),
+                "&ndash;" if _missing(r.get("detected")) else _esc(bool(r.get("detected"))),
+                _num(r.get("confidence"), 2),
+                _indicators(r.get("indicators")),
+                _esc(r.get("rationale")),
+                f'<div class="narr">{_esc(r.get("narrative_text"))}</div>',
+            ]
+            for _, r in df.iterrows()
+        ]
+        table = _table(header, rows, text_cols=(0, 1, 2, 6, 7, 8)) if rows else '<p class="note">None.</p>'
+        parts.append(
+            f"<details><summary>{_esc(name)}: {n_fn} false negatives, {n_fp} false positives</summary>{table}</details>"
+        )
+    return "".join(parts)
+
+
+def render_report_html(
+    evals: list[dict[str, Any]],
+    leaderboard: pd.DataFrame,
+    disagreements: dict[str, pd.DataFrame],
+    title: str = "narr_assets report",
+    pairwise: list[dict[str, Any]] | None = None,
+) -> str:
+    """Build the report as an HTML string (see :func:`render_report`).
+
+    Args:
+        evals: Dicts returned by ``evaluation.evaluate``, in display order.
+        leaderboard: ``evaluation.leaderboard(evals)``.
+        disagreements: Experiment name -> ``evaluation.disagreements`` table.
+        title: Page title.
+        pairwise: Dicts returned by ``evaluation.paired_comparison``.
+
+    Returns:
+        The complete HTML document.
+    """
+    svg = _SvgRenderer()
+    toc = "".join(f'<li><a href="#exp-{i}">{_esc(ev.get("experiment"))}</a></li>' for i, ev in enumerate(evals))
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        '<nav><ul><li><a href="#leaderboard">Leaderboard</a></li>',
+        toc,
+        '<li><a href="#pairwise">Pairwise comparisons</a></li><li><a href="#disagreements">Disagreements</a></li></ul></nav>',
+        _leaderboard_section(leaderboard, svg),
+        *(_experiment_section(i, ev, svg) for i, ev in enumerate(evals)),
+        _pairwise_section(pairwise),
+        _disagreement_section(disagreements),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def render_report(
+    evals: list[dict[str, Any]],
+    leaderboard: pd.DataFrame,
+    disagreements: dict[str, pd.DataFrame],
+    out_path: str | Path,
+    title: str = "narr_assets report",
+    pairwise: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write the self-contained HTML report.
+
+    Sections: leaderboard (table with intervals and coverage, F1 forest plot); per
+    experiment: coverage, metrics table, precision/recall/F1 bars with intervals for
+    overall/cme/le/incident x answered/strict, confusion matrices, prevalence and CME/LE
+    agreement, reliability diagram, latency and token histograms; pairwise comparisons;
+    disagreements (one collapsible ``<details>`` per experiment). Every value taken from the
+    data is HTML-escaped. The file is written to a temporary sibling and renamed, so a reader
+    never sees half a report.
+
+    Args:
+        evals: Dicts returned by ``evaluation.evaluate``, in display order.
+        leaderboard: ``evaluation.leaderboard(evals)``.
+        disagreements: Experiment name -> ``evaluation.disagreements`` table.
+        out_path: Destination ``.html`` file; parent directories are created.
+        title: Page title.
+        pairwise: Dicts returned by ``evaluation.paired_comparison``.
+
+    Returns:
+        The path written.
+    """
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_report_html(evals, leaderboard, disagreements, title=title, pairwise=pairwise)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
