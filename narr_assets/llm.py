@@ -137,16 +137,14 @@ class OpenAIBackend:
     journaled = True
 
     def __init__(self, cfg: ExperimentConfig):
-        import httpx2 as httpx
-
         self.cfg = cfg
-        limits = httpx.Limits(max_connections=cfg.run.concurrency, max_keepalive_connections=cfg.run.concurrency)
+        # One client per run: its connection pool (keep-alive) is shared by every worker, and
+        # the engine's worker count, not the pool, bounds the requests in flight.
         self.client = openai.AsyncOpenAI(
             base_url=cfg.model.base_url,
             api_key=cfg.api_key(),
             max_retries=0,  # the engine retries, so attempts are counted and rate-limited together
             timeout=cfg.run.timeout_s,
-            http_client=httpx.AsyncClient(limits=limits, timeout=cfg.run.timeout_s),
         )
         self.params = self._params()
 
