@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ CLASSIFICATION_COLUMNS = (
 )
 
 
+_PROCESS_LOCKS: dict[str, threading.RLock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.RLock:
+    """One lock per database file and process.
+
+    DuckDB serialises writers across processes with its file lock; inside one process,
+    concurrent connections that register DataFrames race in DuckDB's scanner setup ("pandas_scan
+    does not exist"), so threads of one process take turns too.
+    """
+    key = str(path.resolve())
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.RLock())
+
+
 class Store:
     """Reads and writes of the project's tables through a `DuckDBResource`."""
 
@@ -102,7 +119,7 @@ class Store:
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection with the schema in place."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.resource.get_connection() as con:
+        with _process_lock(self.path), self.resource.get_connection() as con:
             if not self._schema_ready:
                 _exec(con, SCHEMA)
                 self._schema_ready = True
