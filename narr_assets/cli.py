@@ -166,10 +166,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    (cfg,) = _experiments([args.experiment])  # a typo fails here, before anything starts
     runner = Runner()
     if not ingest_if_needed(runner):
         return 1
-    (cfg,) = _experiments([args.experiment])
     partitions = [p.strip() for p in args.partitions.split(",")] if args.partitions else None
     ok = run_experiment(runner, cfg, retry_errors=args.retry_errors, partitions=partitions)
     if ok and not args.no_metrics:

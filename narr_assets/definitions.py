@@ -29,6 +29,10 @@ def build_definitions() -> dg.Definitions:
         assets=assets,
         asset_checks=checks,
         sensors=[source_file_sensor],
+        # Steps of one run are a chain (ingest -> batches -> classify); a process per step
+        # would re-import pandas/DuckDB/Dagster each time (seconds per step) for no parallelism.
+        # Concurrency lives inside the classification step, in one async work queue.
+        executor=dg.in_process_executor,
         resources={"duckdb": DuckDBResource(database=str(settings.db_path()))},
     )
 
