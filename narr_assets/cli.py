@@ -192,32 +192,29 @@ def _all_experiments():
 
 def _print_status(configs) -> None:
     from narr_assets.classify import format_duration
-    from narr_assets.pipeline import partition_state, summarise_statuses
+    from narr_assets.pipeline import experiment_status
 
     store = _store()
     print(f"database: {store.path}")
     failed_by_exp = _dagster_failed_partitions(configs)
     for cfg in configs:
-        state = partition_state(store, cfg)
-        statuses = summarise_statuses(store, cfg)
-        remaining = int((state.table["narratives"] - state.table["current_rows"]).clip(lower=0).sum()) if not state.table.empty else 0
-        runs = store.query_df(
-            "SELECT sum(calls_ok) AS calls, sum(active_seconds) AS secs FROM run_log WHERE experiment = ? AND calls_ok > 0",
-            [cfg.name],
-        )
-        calls, secs = runs.iloc[0]["calls"], runs.iloc[0]["secs"]
-        rate = float(calls) / float(secs) if calls and secs else None
-        eta = format_duration(remaining / rate) if rate and remaining else ("done" if not remaining else "unknown (no run yet)")
-        failed = failed_by_exp.get(cfg.name, [])
+        st = experiment_status(store, cfg)
+        failed = [b for b in failed_by_exp.get(cfg.name, []) if b in st["missing"]]
         print(
-            f"\n{cfg.name} ({cfg.backend}, config {cfg.config_hash}): batches done {len(state.done)}, "
-            f"missing {len(state.missing)} (of which failed in Dagster {len([b for b in failed if b in state.missing])}), "
-            f"with error rows {len(state.with_errors)}"
+            f"\n{cfg.name} ({cfg.backend}, config {cfg.config_hash}): batches done {st['batches_done']}, "
+            f"missing {st['batches_missing']} (of which failed in Dagster {len(failed)}), "
+            f"with error rows {st['batches_with_errors']}"
         )
-        by_status = ", ".join(f"{k} {v:,}" for k, v in statuses["by_status"].items()) or "none"
+        by_status = ", ".join(f"{k} {v:,}" for k, v in st["by_status"].items()) or "none"
         print(f"  rows: {by_status}")
-        print(f"  tokens: prompt {statuses['prompt_tokens']:,}, completion {statuses['completion_tokens']:,}")
-        print(f"  remaining narratives {remaining:,}; rate {rate:.2f}/s over active run time; ETA {eta}" if rate else f"  remaining narratives {remaining:,}; ETA {eta}")
+        print(f"  tokens: prompt {st['prompt_tokens']:,}, completion {st['completion_tokens']:,}")
+        if st["eta_s"] == 0.0:
+            eta = "done"
+        elif st["eta_s"] is None:
+            eta = "unknown until a run has measured the rate"
+        else:
+            eta = f"{format_duration(st['eta_s'])} at {st['rate_per_s']:.2f}/s (rate over active run time)"
+        print(f"  remaining calls {st['remaining_calls']:,}; ETA {eta}")
     report = settings.reports_dir() / "report.html"
     if report.exists():
         print(f"\nreport: {report}")

@@ -101,3 +101,42 @@ def summarise_statuses(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
         "prompt_tokens": int(df["prompt_tokens"].fillna(0).sum()),
         "completion_tokens": int(df["completion_tokens"].fillna(0).sum()),
     }
+
+
+def experiment_status(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Progress of one experiment: batches, rows, tokens, and an ETA from active run time.
+
+    The rate is calls per second of *active* run time summed over recorded runs (`run_log`),
+    so hours between a crash and its resume do not drag the ETA out (a defect of the old
+    pipeline, whose rate counted wall time since the first start).
+    """
+    state = partition_state(store, cfg)
+    statuses = summarise_statuses(store, cfg)
+    remaining = store.query_df(
+        """
+        SELECT count(*) AS n FROM narratives n
+        LEFT JOIN classification_rows c
+          ON c.experiment = ? AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
+         AND c.config_hash = ? AND c.text_hash = n.text_hash
+        WHERE c.status IS NULL AND NOT (n.is_placeholder AND ?)
+        """,
+        [cfg.name, cfg.config_hash, cfg.run.skip_placeholders],
+    ).iloc[0, 0]
+    runs = store.query_df(
+        "SELECT coalesce(sum(calls_ok), 0) AS calls, coalesce(sum(active_seconds), 0) AS secs, count(*) AS runs "
+        "FROM run_log WHERE experiment = ? AND calls_ok > 0",
+        [cfg.name],
+    ).iloc[0]
+    calls, secs = int(runs["calls"]), float(runs["secs"])
+    rate = calls / secs if calls and secs > 0 else None
+    remaining = int(remaining)
+    return {
+        "batches_done": len(state.done),
+        "batches_missing": len(state.missing),
+        "batches_with_errors": len(state.with_errors),
+        "missing": state.missing,
+        "remaining_calls": remaining,
+        "rate_per_s": rate,
+        "eta_s": (remaining / rate) if rate and remaining else (0.0 if not remaining else None),
+        **statuses,
+    }

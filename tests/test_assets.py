@@ -149,3 +149,37 @@ def test_experiment_file_error_fails_loading_with_file_name(project):
     bad.write_text("backend: openai\nmodel:\n  temperature: 9\n")
     with pytest.raises(Exception, match="broken.yaml"):
         build_definitions()
+
+
+def test_automation_is_opt_in_per_experiment(project, server):
+    write_experiment(project / "experiments", "manual", server.base_url)
+    auto = write_experiment(project / "experiments", "auto", server.base_url)
+    auto.write_text(auto.read_text().replace("run:\n", "run:\n  auto_materialize: true\n"))
+    defs = build_definitions()
+    manual_def = defs.get_assets_def(dg.AssetKey(["manual", "classifications"]))
+    auto_def = defs.get_assets_def(dg.AssetKey(["auto", "classifications"]))
+    assert manual_def.automation_conditions_by_key.get(manual_def.key) is None
+    assert auto_def.automation_conditions_by_key[auto_def.key] is not None
+
+
+def test_retry_errors_through_run_config(project, server):
+    source = write_long_csv(project / "input.csv", 10)
+    import os
+
+    os.environ["NARR_SOURCE"] = str(source)
+    write_experiment(project / "experiments", "llm", server.base_url)
+    defs = build_definitions()
+    key = dg.AssetKey(["llm", "classifications"])
+    with dg.instance_for_test() as instance:
+        assert materialize(defs, instance, INGEST).success
+        server.configure(truncated=0.4, seed=2)
+        assert materialize(defs, instance, [key], ("b00000", "b00000")).success
+        errors = Store(settings.db_path()).query_df("SELECT count(*) AS n FROM classification_rows WHERE status = 'truncated'").iloc[0, 0]
+        assert errors > 0
+        server.configure(truncated=0.0)
+        server.reset()
+        config = {"ops": {"llm__classifications": {"config": {"retry_errors": True}}}}
+        assert materialize(defs, instance, [key], ("b00000", "b00000"), run_config=config).success
+        assert server.stats()["chat_requests"] == errors
+        statuses = Store(settings.db_path()).query_df("SELECT DISTINCT status FROM classification_rows")["status"]
+        assert set(statuses) == {"ok"}
