@@ -196,3 +196,20 @@ def test_parallel_runs_on_different_partitions_lose_nothing(project, ingested, s
     rows = store.read_classifications("llm")
     assert len(rows) == 80 and not rows[["incident_id", "narrative_type"]].duplicated().any()
     assert set(server.stats()["ok_by_text"].values()) == {1}
+
+
+def test_api_key_never_reaches_database_journal_or_logs(project, ingested, server, monkeypatch):
+    store, batches = ingested
+    secret = "sk-test-0123456789abcdef-secret"
+    server.configure(api_key=secret)
+    path = write_experiment(project / "experiments", "llm", server.base_url)
+    path.write_text(path.read_text().replace("temperature: 0.0", "temperature: 0.0\n  api_key_env: NARR_TEST_KEY"))
+    monkeypatch.setenv("NARR_TEST_KEY", secret)
+    cfg = load_experiment(path)
+    logs: list[str] = []
+    run(cfg, store, batches, log=logs.append)
+    assert server.stats()["completions_ok"] == 76
+    assert secret not in "\n".join(logs)
+    for file in project.rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), f"API key found in {file}"
