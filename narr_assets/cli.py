@@ -260,6 +260,19 @@ def cmd_experiments(args: argparse.Namespace) -> int:
 
 
 def _print_where() -> None:
+    import pandas as pd
+
+    try:
+        board = _store().query_df(
+            "SELECT rank, experiment, f1, f1_ci_low, f1_ci_high, answered_share, n_rows FROM leaderboard ORDER BY rank"
+        )
+    except Exception:  # no leaderboard yet (e.g. nothing evaluated): just say where things are
+        board = None
+    if board is not None and not board.empty:
+        print("\nleaderboard (strict F1, unanswered counted as wrong, 95% bootstrap interval):")
+        for r in board.itertuples():
+            f1 = "n/a (no labels)" if pd.isna(r.f1) else f"{r.f1:.3f} [{r.f1_ci_low:.3f}, {r.f1_ci_high:.3f}]"
+            print(f"  {r.rank}. {r.experiment:24s} F1 {f1}  answered {r.answered_share:.1%} of {r.n_rows:,}")
     print("\nresults:")
     print(f"  database: {settings.db_path()}  (tables narratives, classifications, experiment_metrics, leaderboard, ...)")
     report = settings.reports_dir() / "report.html"
