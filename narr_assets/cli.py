@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -42,9 +43,27 @@ class Runner:
         self.instance = dg.DagsterInstance.get()
         self.assets = [a for a in self.defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
         self.checks = list(self.defs.asset_checks or [])
+        self.fail_orphaned_runs()
+
+    def fail_orphaned_runs(self) -> None:
+        """Mark runs of `narr` processes that died (kill -9, power cut) as failed.
+
+        Such runs stay STARTED forever otherwise, and the UI would show their partitions as
+        in progress instead of failed (resumable).
+        """
+        dg = self.dg
+        runs = self.instance.get_runs(
+            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={"narr/launched_by": "narr-cli"})
+        )
+        for run in runs:
+            pid, host = run.tags.get("narr/pid"), run.tags.get("narr/host")
+            if not pid or host != socket.gethostname() or _alive(int(pid)):
+                continue
+            self.instance.report_run_failed(run, message=f"the narr process (pid {pid}) ended without finishing the run")
+            print(f"narr: run {run.run_id[:8]} of a narr process that died (pid {pid}) is marked failed; resuming", file=sys.stderr)
 
     def materialize(self, keys: Sequence, partition_range: tuple[str, str] | None = None, run_config: dict | None = None) -> bool:
-        tags = {"narr/launched_by": "narr-cli"}
+        tags = {"narr/launched_by": "narr-cli", "narr/pid": str(os.getpid()), "narr/host": socket.gethostname()}
         if partition_range:
             tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"] = partition_range
         result = self.dg.materialize(
@@ -64,6 +83,16 @@ class Runner:
                     message = err.cause.message if getattr(err, "cause", None) and "Failure" not in err.message else err.message
                     print(f"narr: step {event.step_key} failed: {message.strip()}", file=sys.stderr)
         return result.success
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _key(*parts: str):

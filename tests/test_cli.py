@@ -78,10 +78,17 @@ def test_sigkill_mid_run_then_resume(llm_project, kill_after_s):
     proc.wait()
     killed_at = server.stats()["completions_ok"]
     assert 0 < killed_at < 196, "the kill should land mid-run"
-    narr(env, "run", "llm")
+    resumed = narr(env, "run", "llm")
+    assert "died" in resumed.stderr and "marked failed" in resumed.stderr  # the orphaned run
     rows = Store(project / "narr.duckdb").read_classifications("llm")
     assert len(rows) == 200 and not rows[["incident_id", "narrative_type"]].duplicated().any()
     assert set(rows["status"]) == {"ok", "skipped"}
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    with dg.DagsterInstance.get() as instance:
+        statuses = [r.status for r in instance.get_runs()]
+    assert dg.DagsterRunStatus.STARTED not in statuses and dg.DagsterRunStatus.FAILURE in statuses
     stats = server.stats()
     # No journalled answer is asked again; at most the requests in flight at the kill (<= concurrency 4)
     # can be paid twice (answered by the server, never read by the killed client).
