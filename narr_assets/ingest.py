@@ -40,6 +40,7 @@ counted in ``rows_read``, but they still advance the row numbers.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import io
@@ -108,7 +109,13 @@ _NARRATIVE_TYPE_ALIASES = {
     "narrative_le": "le",
 }
 
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# [0-9], not \d: \d also matches Arabic-Indic, fullwidth... digits, which Decimal() accepts, so
+# "١٢٣.0" would silently become the different ID "123".
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE](?P<exponent>[+-]?[0-9]+))?")
+# Largest written exponent expanded into integer digits ("7.27037E5" -> "727037").
+_MAX_EXPONENT = 30
+# The csv module refuses fields longer than 131,072 characters by default.
+_CSV_FIELD_LIMIT = 2**31 - 1
 # Longest header / label value echoed in an error message; anything longer is probably
 # narrative text in the wrong place and must not be copied into logs.
 _MAX_ECHO = 40
@@ -359,11 +366,17 @@ def _read_calamine(path: Path, sheet: str | None) -> tuple[str, list[Sequence[An
 
 def _read_openpyxl(path: Path, sheet: str | None) -> tuple[str, list[Sequence[Any]]]:
     import openpyxl
+    from openpyxl.utils.escape import unescape
 
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     try:
         name = _choose_sheet(path, sheet, [ws.title for ws in workbook.worksheets])
-        rows = list(workbook[name].iter_rows(values_only=True))
+        # Excel stores control characters as _xHHHH_ (and a literal "_x" as "_x005F_x");
+        # calamine decodes them but openpyxl's reader does not.
+        rows = [
+            tuple(unescape(v) if isinstance(v, str) and "_x" in v else v for v in row)
+            for row in workbook[name].iter_rows(values_only=True)
+        ]
     finally:
         workbook.close()
     return name, rows
@@ -381,32 +394,56 @@ def _choose_sheet(path: Path, sheet: str | None, available: list[str]) -> str:
 
 
 def _read_csv_rows(path: Path) -> tuple[list[Sequence[Any]], str]:
-    """Return (rows including the header, encoding used) for a CSV file."""
+    """Return (rows including the header, encoding used) for a CSV file.
+
+    A blank line comes back as an empty row, so it is skipped but still advances the row
+    numbers, exactly like a blank row above or inside an .xlsx sheet.
+    """
     data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise IngestError(f"{path}: not a text CSV file (contains NUL bytes; binary data?)")
+    # Anywhere in the file, not just near the start: a late NUL used to cut a cell short.
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise IngestError(
+            f"{path}: not a text CSV file (contains a NUL byte on line {line}; binary data, or "
+            "a UTF-16 'Unicode text' export? save it as CSV UTF-8)"
+        )
     try:
         text, encoding = data.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
         # Files saved by Excel on Windows are often cp1252; undefined bytes are replaced
         # rather than crashing the load.
         text, encoding = data.decode("cp1252", errors="replace"), "cp1252"
-    if not text.strip():
-        return [], encoding
+    # A process-wide setting, only ever raised: a very long narrative is still one valid field.
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # strict: an unclosed quote must not swallow the rest of the file into one cell, and a
+    # stray character after a closing quote is refused rather than guessed at.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[Sequence[Any]] = []
+    header_width: int | None = None
+    start = 1  # physical line on which the next record starts
     try:
-        table = pd.read_csv(
-            io.StringIO(text),
-            header=None,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            skip_blank_lines=False,
-        )
-    except pd.errors.ParserError as exc:
-        raise IngestError(f"{path}: malformed CSV ({exc})") from exc
-    except pd.errors.EmptyDataError:
-        return [], encoding
-    return table.to_numpy(dtype=object).tolist(), encoding
+        for row in reader:
+            if header_width is None:
+                if any(cell.strip() for cell in row):
+                    header_width = len(row)
+            elif len(row) > header_width:
+                raise IngestError(
+                    f"{path}: malformed CSV, line {start}{_row_note(start, len(rows) + 1)}: "
+                    f"the row has {len(row)} fields but the header has {header_width}"
+                )
+            rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise IngestError(
+            f"{path}: malformed CSV, line {start}{_row_note(start, len(rows) + 1)}: {exc}"
+        ) from exc
+    return rows, encoding
+
+
+def _row_note(line: int, row: int) -> str:
+    """`` (row N)`` when quoted line breaks make the spreadsheet row differ from the line."""
+    return "" if line == row else f" (row {row})"
 
 
 # --------------------------------------------------------------------------- cell handling
@@ -441,16 +478,24 @@ def _integral_text(text: str) -> str:
     """``"727037.0"`` / ``"7.27037E5"`` -> ``"727037"``; other text is returned unchanged."""
     if "." not in text and "e" not in text and "E" not in text:
         return text
-    if not _NUMBER_RE.fullmatch(text):
+    match = _NUMBER_RE.fullmatch(text)
+    if not match:
+        return text
+    # Only a written exponent is bounded: it keeps "1e999999" from building a million-digit
+    # integer, while "<digits>.0" yields no more digits than the text has, however long.
+    # Decimal, not int(): int() refuses strings of more than 4,300 digits.
+    exponent = match.group("exponent")
+    if exponent is not None and abs(Decimal(exponent)) > _MAX_EXPONENT:
         return text
     try:
         number = Decimal(text)
     except InvalidOperation:
         return text
-    # The exponent bound keeps "1e999999" from building a million-digit integer.
-    if number.is_finite() and abs(number.adjusted()) <= 30 and number == number.to_integral_value():
-        return str(int(number))
-    return text
+    integral = number.to_integral_value()
+    if number != integral:
+        return text
+    # format "f" writes every digit exactly (no exponent); "-0.0" is the ID "0".
+    return "0" if integral.is_zero() else format(integral, "f")
 
 
 def _echo(text: str) -> str:

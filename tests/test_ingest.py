@@ -322,6 +322,12 @@ def test_engines_agree(tmp_path: Path, engine: str) -> None:
         (727037.5, "727037.5"),
         ("AB-12.0", "AB-12.0"),
         ("1e999999", "1e999999"),
+        ("1e31", "1e31"),
+        ("1e30", "1" + "0" * 30),
+        ("-0.0", "0"),
+        ("1" * 5000 + ".0", "1" * 5000),  # longer than int()'s 4,300-digit string limit
+        ("\u0661\u0662.0", "\u0661\u0662.0"),  # Arabic-Indic digits are not rewritten
+        ("\uff11\uff12.0", "\uff11\uff12.0"),  # nor fullwidth ones
         ("", None),
         ("   ", None),
         (None, None),
@@ -382,7 +388,9 @@ def test_parse_label_table(value: Any, expected: int | None) -> None:
     assert parse_label(value) == (expected, True)
 
 
-@pytest.mark.parametrize("value", ["maybe", "2", "-1", "0.5", "#N/A", "unknown", "yes no"])
+@pytest.mark.parametrize(
+    "value", ["maybe", "2", "-1", "0.5", "#N/A", "unknown", "yes no", "\u0661", "\uff10"]
+)
 def test_parse_label_rejects(value: str) -> None:
     assert parse_label(value) == (None, False)
 
@@ -604,7 +612,57 @@ def test_binary_csv(tmp_path: Path) -> None:
 
 def test_ragged_csv(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "ragged.csv", "IncidentID,NarrativeCME,NarrativeLE\n1,a,b\n2,a,b,c,d\n")
-    _assert_ingest_error(path, "malformed CSV", "line 3")
+    _assert_ingest_error(path, "malformed CSV", "line 3", "the row has 5 fields but the header has 3")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        # Blank and header lines count; a quoted line break makes the line differ from the row.
+        ('\nIncidentID,NarrativeCME,NarrativeLE\n1,"a\nb",c\n2,a,b,c\n', ["line 5 (row 4)", "4 fields"]),
+        # An unclosed quote would otherwise swallow the rest of the file into one cell.
+        (
+            'IncidentID,NarrativeCME,NarrativeLE\n1,"never closed,x\n2,y,z\n',
+            ["line 2", "unexpected end of data"],
+        ),
+        ('IncidentID,NarrativeCME,NarrativeLE\n1,"quoted" tail,x\n', ["line 2", "expected after"]),
+    ],
+)
+def test_malformed_csv_names_the_line(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    _assert_ingest_error(write_csv(tmp_path / "bad.csv", text), "malformed CSV", *fragments)
+
+
+@pytest.mark.parametrize(("filler", "line"), [(0, 2), (3, 5)])
+def test_csv_nul_names_the_line(tmp_path: Path, filler: int, line: int) -> None:
+    rows = "".join(f"{i},a,b\n" for i in range(filler))
+    path = write_csv(tmp_path / "nul.csv", f"IncidentID,NarrativeCME,NarrativeLE\n{rows}9,x\x00y,z\n")
+    _assert_ingest_error(path, "not a text CSV file", f"NUL byte on line {line}")
+
+
+def test_csv_field_longer_than_the_csv_module_default_limit(tmp_path: Path) -> None:
+    text = "word " * 40_000  # 200,000 characters; the csv module's default limit is 131,072
+    path = write_csv(tmp_path / "long.csv", f'IncidentID,NarrativeCME,NarrativeLE\n1,"{text}",x\n')
+    assert read_source(path).frame["narrative_text"].tolist() == [text.strip(), "x"]
+
+
+@pytest.mark.parametrize(
+    ("lead", "row"), [("", 2), ("\n", 3), ("  \n\n", 4), (",,,\r\n", 3), ("\ufeff\n", 3)]
+)
+def test_csv_blank_lines_above_header(tmp_path: Path, lead: str, row: int) -> None:
+    path = write_csv(tmp_path / "lead.csv", f"{lead}IncidentID,NarrativeCME,NarrativeLE\n1,a,\n")
+    raw = read_source(path)
+    assert rows_of(raw.frame, "incident_id", "narrative_text", "source_row") == [
+        ("1", "a", row),
+        ("1", None, row),
+    ]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_xlsx_excel_escapes_are_decoded(tmp_path: Path, engine: str) -> None:
+    # What Excel writes for "a\r\nb" and for the literal text "_x0041_".
+    rows = [["IncidentID", "NarrativeCME", "NarrativeLE"], [1, "a_x000D_\nb", "_x005F_x0041_"]]
+    path = write_xlsx(tmp_path / "esc.xlsx", rows)
+    assert read_source(path, engine=engine).frame["narrative_text"].tolist() == ["a\r\nb", "_x0041_"]
 
 
 def test_duplicate_layout_column(tmp_path: Path) -> None:
