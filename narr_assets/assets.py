@@ -12,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, PartitionBusyError, classify_batches
-from narr_assets.experiments import ExperimentConfig, canonical_json
+from narr_assets.experiments import ExperimentConfig
 from narr_assets.ingest import file_checksum
 from narr_assets.llm import FatalError
 from narr_assets.pipeline import build_narratives, ingest_raw
@@ -155,10 +155,6 @@ def build_experiment_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
 
     classifications = build_classifications_asset(cfg)
     return [classifications, build_metrics_asset(cfg, classifications)]
-
-
-def config_json(cfg: ExperimentConfig) -> str:
-    return canonical_json(cfg.effective())
 
 
 def frame_to_md(frame: pd.DataFrame, max_rows: int = 30) -> str:
