@@ -131,21 +131,24 @@ def build_classifications_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
 
 
 def _summary_metadata(summary, model: str) -> dict:
+    """Metadata of one run. A run covers a range of partitions and Dagster attaches the same
+    metadata to each, so every count says it is for the run, not for the one batch."""
     statuses = "\n".join(["| status | rows |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in sorted(summary.status_counts.items()))])
     return {
         "model": model,
         "config_hash": summary.config_hash,
-        "batches": len(summary.batches),
-        "narratives": summary.narratives,
-        "calls_ok": summary.calls_ok,
-        "attempts": summary.attempts,
-        "reused_from_journal": summary.reused,
-        "skipped_placeholders": summary.skipped,
-        "failed_batches": len(summary.failed_batches),
-        "prompt_tokens": summary.prompt_tokens,
-        "completion_tokens": summary.completion_tokens,
-        "calls_per_second": round(summary.calls_per_second, 2),
-        "statuses": dg.MetadataValue.md(statuses),
+        "run_batches": len(summary.batches),
+        "run_batches_up_to_date": len(summary.up_to_date_batches),
+        "run_narratives": summary.narratives,
+        "run_calls_ok": summary.calls_ok,
+        "run_attempts": summary.attempts,
+        "run_reused_from_journal": summary.reused,
+        "run_skipped_placeholders": summary.skipped,
+        "run_failed_batches": len(summary.failed_batches),
+        "run_prompt_tokens": summary.prompt_tokens,
+        "run_completion_tokens": summary.completion_tokens,
+        "run_calls_per_second": round(summary.calls_per_second, 2),
+        "run_statuses": dg.MetadataValue.md(statuses),
     }
 
 

@@ -23,8 +23,9 @@ def _ensure_dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        # Restricted-use data: nothing about runs leaves the machine unless a user opts in.
-        config.write_text("telemetry:\n  enabled: false\n")
+        # Restricted-use data: nothing about runs leaves the machine unless a user opts in;
+        # and no sign-up pop-up over the UI of an offline machine.
+        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 

@@ -40,6 +40,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; ma
 h1 { font-size: 1.6rem; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2rem; margin-top: 2.2rem; }
 h3 { margin-top: 1.6rem; }
 table { border-collapse: collapse; margin: .6rem 0; font-size: .85rem; }
+.scroll { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: .2rem .45rem; text-align: right; vertical-align: top; }
 th { background: #f3f3f3; }
 td.t, th.t { text-align: left; }
@@ -103,7 +104,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], text_cols: Sequ
         for r in rows
     )
     cls_attr = f' class="{cls}"' if cls else ""
-    return f"<table{cls_attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide tables scroll inside their own box instead of widening the whole page.
+    return f'<div class="scroll"><table{cls_attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 # --------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_whole_graph_on_a_temporary_instance(project, server):
         mats = result.get_asset_materialization_events()
         assert {m.partition for m in mats} == set(partitions)
         meta = mats[0].materialization.metadata
-        assert meta["calls_ok"].value == 58 and meta["skipped_placeholders"].value == 2
+        assert meta["run_calls_ok"].value == 58 and meta["run_skipped_placeholders"].value == 2
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks == {"one_row_per_narrative": True, "error_rate_below_threshold": True, "confidence_in_range": True}
         # Again: zero calls.
