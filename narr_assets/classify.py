@@ -255,7 +255,7 @@ async def run_engine(
     items_by_batch: dict[str, list[WorkItem]],
     backend: Backend,
     journal: Journal | None,
-    write_batch: Callable[[str, pd.DataFrame], None],
+    write_batches: Callable[[dict[str, pd.DataFrame]], None],
     *,
     retry_errors: bool = False,
     log: Callable[[str], None] = lambda line: None,
@@ -294,15 +294,30 @@ async def run_engine(
     write_queue: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def writer() -> None:
-        while (batch_id := await write_queue.get()) is not None:
+        # Every batch completed while the previous write ran goes into the next transaction:
+        # one DuckDB transaction costs tens of milliseconds whatever its size, so a fast
+        # backend (rules, a quick server) would otherwise wait on writes. Each batch is still
+        # replaced atomically; a group either lands whole or not at all.
+        finished = False
+        while not finished:
+            group = [await write_queue.get()]
+            while not write_queue.empty():
+                group.append(write_queue.get_nowait())
+            if None in group:
+                finished = True
+                group = [b for b in group if b is not None]
+            if not group:
+                continue
+            frames = {batch_id: rows_frame(rows[batch_id]) for batch_id in group}
             try:
-                await asyncio.to_thread(write_batch, batch_id, rows_frame(rows[batch_id]))
-                summary.written_batches.append(batch_id)
+                await asyncio.to_thread(write_batches, frames)
+                summary.written_batches.extend(group)
             except Exception as exc:  # e.g. disk full: the transaction rolled back, old rows stay
-                summary.failed_batches[batch_id] = (
-                    f"writing the batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    "its previous rows are intact and its answers are journalled"
-                )
+                for batch_id in group:
+                    summary.failed_batches[batch_id] = (
+                        f"writing the batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        "its previous rows are intact and its answers are journalled"
+                    )
 
     writer_task = asyncio.create_task(writer())
     for batch_id in sorted(items_by_batch):
@@ -445,8 +460,8 @@ def classify_batches(
         backend = make_backend(cfg)
         journal = Journal.for_experiment(journal_dir, cfg.name, cfg.config_hash) if backend.journaled else None
 
-        def write(batch_id: str, frame: pd.DataFrame) -> None:
-            store.replace_partition(cfg.name, batch_id, frame)
+        def write(frames: dict[str, pd.DataFrame]) -> None:
+            store.replace_partitions(cfg.name, frames)
 
         summary = asyncio.run(
             run_engine(cfg, items, backend, journal, write, retry_errors=retry_errors, log=log, progress_every_s=progress_every_s)

@@ -192,9 +192,16 @@ class Store:
 
     def replace_partition(self, experiment: str, batch_id: str, rows: pd.DataFrame) -> None:
         """Replace one experiment's rows of one batch, atomically."""
+        self.replace_partitions(experiment, {batch_id: rows})
+
+    def replace_partitions(self, experiment: str, frames: dict[str, pd.DataFrame]) -> None:
+        """Replace one experiment's rows of several batches in one transaction."""
         with self.transaction() as con:
-            _exec(con, "DELETE FROM classification_rows WHERE experiment = ? AND batch_id = ?", [experiment, batch_id])
-            _insert(con, "classification_rows", rows)
+            _exec(con, "DELETE FROM classification_rows WHERE experiment = ? AND batch_id IN (SELECT unnest(?))",
+                  [experiment, list(frames)])
+            non_empty = [f for f in frames.values() if not f.empty]
+            if non_empty:
+                _insert(con, "classification_rows", pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0])
 
     def read_classifications(self, experiment: str, batch_ids: Sequence[str] | None = None) -> pd.DataFrame:
         sql = "SELECT * FROM classification_rows WHERE experiment = ?"
