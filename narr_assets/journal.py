@@ -4,9 +4,10 @@ Layout: `<journal_dir>/<experiment>/<config_hash>/<segment>.jsonl`. Each writing
 appends to a segment of its own, so parallel runs never interleave bytes in one file and no
 lock is needed; readers merge all segments. One record is one line written with a single
 `os.write` on an `O_APPEND` descriptor: once `append` returns, the record is in the kernel and
-survives `kill -9` of the process. `fsync` runs at most every `fsync_interval_s` seconds and on
-close, which bounds what a power cut (not a process kill) can lose without paying a disk flush
-per response.
+survives `kill -9` of the process. A background thread calls `fsync` every `fsync_interval_s`
+seconds while there is something new, and `close` calls it once more; this bounds what a power
+cut (not a process kill) can lose without making the event loop wait on a disk flush per
+response.
 
 Records hold the raw response (content, reasoning, finish reason, usage), never parsed
 fields, so a parser change re-parses old answers without new calls. A torn last line (the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,8 +43,9 @@ class Journal:
     root: Path
     fsync_interval_s: float = 1.0
     _fd: int | None = field(default=None, init=False, repr=False)
-    _last_sync: float = field(default=0.0, init=False, repr=False)
     _dirty: bool = field(default=False, init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _syncer: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -92,23 +95,29 @@ class Journal:
             self.root.mkdir(parents=True, exist_ok=True)
             name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
             self._fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._last_sync = time.monotonic()
+            self._stop.clear()
+            self._syncer = threading.Thread(target=self._sync_loop, args=(self._fd,), name="journal-fsync", daemon=True)
+            self._syncer.start()
         data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         written = os.write(self._fd, data)
         if written != len(data):  # a short write means a full disk: the line is torn, say so
             raise OSError(f"journal {self.root}: short write ({written} of {len(data)} bytes); disk full?")
         self._dirty = True
-        now = time.monotonic()
-        if now - self._last_sync >= self.fsync_interval_s:
-            os.fsync(self._fd)
-            self._last_sync, self._dirty = now, False
+
+    def _sync_loop(self, fd: int) -> None:
+        while not self._stop.wait(self.fsync_interval_s):
+            if self._dirty:
+                self._dirty = False
+                os.fsync(fd)
 
     def close(self) -> None:
         if self._fd is not None:
-            if self._dirty:
-                os.fsync(self._fd)
+            self._stop.set()
+            if self._syncer is not None:
+                self._syncer.join()
+            os.fsync(self._fd)
             os.close(self._fd)
-            self._fd, self._dirty = None, False
+            self._fd, self._dirty, self._syncer = None, False, None
 
     def __enter__(self) -> "Journal":
         return self
