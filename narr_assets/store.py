@@ -211,21 +211,28 @@ class Store:
             params.append(list(batch_ids))
         return self.query_df(sql + " ORDER BY batch_id, incident_id, narrative_type", params)
 
-    def partition_status(self, experiment: str, config_hash: str) -> pd.DataFrame:
-        """Per batch: narratives, rows, current rows (same config and text), error rows."""
+    def partition_status(self, experiment: str, config_hash: str, parser_version: str | None = None) -> pd.DataFrame:
+        """Per batch: narratives, rows, current rows (same config, text and parser), error rows.
+
+        A row parsed by another parser version is not current: the batch is re-parsed from
+        the journal (no new calls) the next time it is materialised.
+        """
+        if parser_version is None:
+            from narr_assets.parsing import PARSER_VERSION as parser_version
         return self.query_df(
             """
             SELECT n.batch_id,
                    count(*) AS narratives,
                    count(c.status) AS rows,
-                   count(*) FILTER (WHERE c.config_hash = ? AND c.text_hash = n.text_hash) AS current_rows,
+                   count(*) FILTER (WHERE c.config_hash = ? AND c.text_hash = n.text_hash
+                                    AND c.parser_version = ?) AS current_rows,
                    count(*) FILTER (WHERE c.status IN ('parse_error', 'refusal', 'truncated')) AS error_rows
             FROM narratives n
             LEFT JOIN classification_rows c
               ON c.experiment = ? AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
             GROUP BY n.batch_id ORDER BY n.batch_id
             """,
-            [config_hash, experiment],
+            [config_hash, parser_version, experiment],
         )
 
     def log_run(self, summary: Any) -> None:

@@ -213,3 +213,20 @@ def test_api_key_never_reaches_database_journal_or_logs(project, ingested, serve
     for file in project.rglob("*"):
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), f"API key found in {file}"
+
+
+def test_parser_upgrade_reparses_from_the_journal_without_calls(project, ingested, server, monkeypatch):
+    store, batches = ingested
+    cfg = experiment(project, server)
+    run(cfg, store, batches)
+    import narr_assets.classify as classify_module
+
+    # A new parser release: rows parsed by the old one are no longer current.
+    monkeypatch.setattr(classify_module, "PARSER_VERSION", "9.9.9")
+    monkeypatch.setattr("narr_assets.parsing.PARSER_VERSION", "9.9.9")
+    assert sorted(partition_state(store, cfg).missing) == batches
+    summary = run(cfg, store, batches)
+    assert summary.reused == 76 and summary.calls_ok == 0
+    assert server.stats()["chat_requests"] == 76
+    assert set(store.read_classifications("llm")["parser_version"]) == {"9.9.9"}
+    assert partition_state(store, cfg).missing == []
