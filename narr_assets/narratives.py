@@ -73,8 +73,8 @@ DEFAULT_PLACEHOLDER_PATTERNS: tuple[str, ...] = (
     # "No narrative.", "No narrative available", "No LE report", "No information provided."
     rf"no\s+(?:{_SOURCES}\s+)?(?:{_DOCS}|narrative\s+text)"
     rf"(?:\s+(?:is\s+)?(?:available|provided|given|received|on\s+file|yet))?{_END}",
-    # "Narrative not available.", "Report unavailable"
-    rf"(?:narrative|report)\s+(?:is\s+)?(?:not\s+|un)available{_END}",
+    # "Narrative not available.", "Report unavailable", "Narrative pending."
+    rf"(?:narrative|report)\s+(?:is\s+)?(?:(?:not\s+|un)available|pending){_END}",
     # "See LE narrative.", "See CME report"
     rf"see\s+(?:the\s+)?{_SOURCES}\s+{_DOCS}{_END}",
     # "Pending.", "Pending LE report", "Pending investigation"

@@ -1,0 +1,1 @@
+"""Benchmarks of narr_assets (not tests): run `python benchmarks/run.py [--quick]`."""
