@@ -58,6 +58,7 @@ def test_one_call_per_narrative_then_none(project, ingested, server):
     assert partition_state(store, cfg).missing == []
 
 
+@pytest.mark.reliability
 def test_fault_storm_completes_with_every_row_and_explained_calls(project, ingested, server):
     store, batches = ingested
     server.configure(rate_limit=0.15, retry_after_s=0.05, server_error=0.15, hang=0.05, hang_s=3, drop=0.05, malformed=0.05, seed=3)
@@ -109,6 +110,7 @@ def test_prompt_change_reasks_and_unchanged_does_not(project, ingested, server):
     assert set(store.read_classifications("llm")["config_hash"]) == {changed.config_hash}
 
 
+@pytest.mark.reliability
 def test_transport_failure_fails_only_its_batch_and_resume_pays_nothing_twice(project, ingested, server):
     store, batches = ingested
     server.configure(fail_first_n=3)  # every narrative needs 4 requests
