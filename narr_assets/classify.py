@@ -160,13 +160,13 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
 
-    def tick(self, ok: bool = True, force: bool = False) -> None:
+    def tick(self, ok: bool = True) -> None:
         if ok:
             self.done += 1
         else:
             self.failed += 1
         now = time.monotonic()
-        if force or now - self._last >= self.every_s:
+        if now - self._last >= self.every_s:
             self._last = now
             self.emit(self.line())
 
@@ -358,7 +358,7 @@ async def run_engine(
         work.put_nowait(entry)
     fatal: list[FatalError] = []
 
-    async def call(item: WorkItem, previous_attempts: int) -> RawResponse | None:
+    async def call(item: WorkItem) -> RawResponse | None:
         for retry in range(cfg.run.max_retries + 1):
             await limiter.wait()
             summary.attempts += 1
@@ -381,7 +381,7 @@ async def run_engine(
                 item, previous = work.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            raw = await call(item, previous)
+            raw = await call(item)
             if raw is None:
                 progress.tick(ok=False)
             else:
