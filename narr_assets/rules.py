@@ -39,7 +39,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,8 +212,9 @@ _QUANTIFIERS = frozenset("?*+{")
 _EXPANSION_BUDGET = 256
 
 
-def _group_end(pattern: str, start: int) -> int:
-    """Index of the parenthesis closing the group opened at `start` (escapes and classes aware)."""
+def _structure(pattern: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """Yield (index, char, depth after it) for each regex metacharacter outside escapes and
+    character classes, from `start`: the one scanner both helpers below walk."""
     depth, i, in_class = 0, start, False
     while i < len(pattern):
         char = pattern[i]
@@ -226,38 +227,27 @@ def _group_end(pattern: str, start: int) -> int:
             in_class = True
             i += 1 if pattern[i + 1 : i + 2] == "^" else 0
             i += 1 if pattern[i + 1 : i + 2] == "]" else 0
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth == 0:
-                return i
+        elif char in "()|":
+            depth += {"(": 1, ")": -1, "|": 0}[char]
+            yield i, char, depth
         i += 1
+
+
+def _group_end(pattern: str, start: int) -> int:
+    """Index of the parenthesis closing the group opened at `start` (escapes and classes aware)."""
+    for i, char, depth in _structure(pattern, start):
+        if char == ")" and depth == 0:
+            return i
     raise re.error("unbalanced parenthesis")
 
 
 def _split_top(pattern: str) -> list[str]:
     """Split a pattern on its top-level `|`."""
-    parts, depth, begin, i, in_class = [], 0, 0, 0, False
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            i += 1 if pattern[i + 1 : i + 2] == "^" else 0
-            i += 1 if pattern[i + 1 : i + 2] == "]" else 0
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
+    parts, begin = [], 0
+    for i, char, depth in _structure(pattern):
+        if char == "|" and depth == 0:
             parts.append(pattern[begin:i])
             begin = i + 1
-        i += 1
     parts.append(pattern[begin:])
     return parts
 
