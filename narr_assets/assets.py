@@ -51,11 +51,11 @@ def raw_narratives(duckdb: DuckDBResource) -> dg.MaterializeResult:
 
 
 @dg.asset(deps=[raw_narratives], group_name="ingest", kinds={"duckdb"})
-def narratives(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def narratives(duckdb: DuckDBResource) -> dg.MaterializeResult:
     """One row per (incident_id, narrative_type): deduplicated, placeholder-flagged, batched."""
+    # Partitions are registered by `narrative_batches` alone (it registers every batch the
+    # instance lacks), so there is one place that keeps Dagster in step with the ledger.
     result, new_batches = build_narratives(Store(duckdb), batch_size=settings.batch_size())
-    if new_batches:
-        context.instance.add_dynamic_partitions(batch_partitions.name, new_batches)
     stats = dict(result.stats)
     table = "\n".join(["| count | value |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in stats.items())])
     return dg.MaterializeResult(
@@ -70,7 +70,7 @@ def narrative_batches(context: dg.AssetExecutionContext, duckdb: DuckDBResource)
     batches = store.batch_ids()
     existing = set(context.instance.get_dynamic_partitions(batch_partitions.name))
     missing = [b for b in batches if b not in existing]
-    if missing:  # e.g. a fresh DAGSTER_HOME over an existing database
+    if missing:  # new batches, or a fresh DAGSTER_HOME over an existing database
         context.instance.add_dynamic_partitions(batch_partitions.name, missing)
     sizes = store.query_df("SELECT batch_id, count(*) AS n FROM narratives GROUP BY 1 ORDER BY 1")
     return dg.MaterializeResult(
