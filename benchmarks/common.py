@@ -15,16 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import httpx2
 import openai
 import pandas as pd
-from openai.types.chat import ChatCompletion
 
 from narr_assets.classify import WorkItem
 from narr_assets.experiments import ExperimentConfig, build_messages, load_experiment
+from narr_assets.llm import OpenAIBackend
 from narr_assets.narratives import text_hash
 from narr_assets.parsing import RESULT_SCHEMA
 from narr_assets.store import Store
@@ -117,26 +115,36 @@ def request_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return params
 
 
-async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: int) -> int:
-    """The reference client: `AsyncOpenAI` + `asyncio.Semaphore`, no journal, no database.
+async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: int, *,
+                    post: bool = False, aiohttp: bool = False) -> int:
+    """A hand-written client: `AsyncOpenAI` + `asyncio.Semaphore`, no journal, no database.
 
-    Sends the same messages and parameters as the engine, keeps each answer's content.
+    Sends the same messages and parameters as the engine, keeps each answer's content. The
+    defaults are the reference loop (what the SDK's README shows); `post` and `aiohttp` make
+    it the fastest loop we know how to write with the SDK, the two choices the engine makes.
 
     Args:
         cfg: The experiment (endpoint, prompt, parameters).
         texts: One request per text.
         concurrency: Requests in flight.
+        post: Send with `client.post(..., cast_to=object)` instead of `chat.completions.create`.
+        aiohttp: Use the SDK's aiohttp transport instead of its default httpx one.
 
     Returns:
         The number of answers with content.
     """
+    extra = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
     client = openai.AsyncOpenAI(base_url=cfg.model.base_url, api_key="not-needed", max_retries=0,
-                                timeout=cfg.run.timeout_s)
+                                timeout=cfg.run.timeout_s, **extra)
     semaphore = asyncio.Semaphore(concurrency)
     params = request_params(cfg)
 
     async def one(text: str) -> str | None:
         async with semaphore:
+            if post:
+                body = await client.post("/chat/completions", body={"messages": build_messages(cfg, text), **params},
+                                         cast_to=object)
+                return body["choices"][0]["message"]["content"]
             completion = await client.chat.completions.create(messages=build_messages(cfg, text), **params)
             return completion.choices[0].message.content
 
@@ -147,77 +155,32 @@ async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: in
     return sum(1 for a in answers if a)
 
 
+def use_default_transport(backend: OpenAIBackend) -> None:
+    """Give a backend the SDK's default (httpx) transport instead of aiohttp, all else equal."""
+    old = backend.client
+    backend.client = openai.AsyncOpenAI(base_url=str(old.base_url), api_key=old.api_key, max_retries=old.max_retries,
+                                        timeout=old.timeout)
+    asyncio.run(old.close())
+
+
 class BatchWriter:
-    """The `write_batches` callback of `run_engine`, in one of three modes.
+    """The `write_batches` callback of `run_engine`: `store` (what `classify_batches` does,
+    `Store.replace_partitions` per group of finished batches the engine hands over) or
+    `none` (nothing written, to measure the writes' cost)."""
 
-    Modes: `store` - `Store.replace_partitions` for every group the engine hands over, as
-    `classify_batches` does (the engine groups the batches finished while the previous write
-    ran; one DuckDB connection and transaction per group); `interval` - groups are buffered
-    and written together at most every `interval_s` seconds and at `finish()` (a candidate
-    improvement, simulated outside the engine); `none` - nothing is written.
-    """
+    MODES = ("store", "none")
 
-    MODES = ("store", "interval", "none")
-
-    def __init__(self, store: Store, experiment: str, mode: str = "store", interval_s: float = 2.0):
+    def __init__(self, store: Store, experiment: str, mode: str = "store"):
         if mode not in self.MODES:
             raise ValueError(f"unknown write mode {mode!r}; known: {self.MODES}")
-        self.store, self.experiment, self.mode, self.interval_s = store, experiment, mode, interval_s
-        self._buffer: dict[str, pd.DataFrame] = {}
-        self._last = time.monotonic()
+        self.store, self.experiment, self.mode = store, experiment, mode
         self.transactions = 0
 
     def write(self, frames: dict[str, pd.DataFrame]) -> None:
-        """Write (or buffer) the rows of the batches the engine hands over."""
+        """Write the rows of the batches the engine hands over (one transaction)."""
         if self.mode == "store":
             self.store.replace_partitions(self.experiment, frames)
             self.transactions += 1
-        elif self.mode == "interval":
-            self._buffer.update(frames)
-            if time.monotonic() - self._last >= self.interval_s:
-                self.finish()
-
-    def finish(self) -> None:
-        """Write what is still buffered (the engine's writer would, when its queue ends)."""
-        if self._buffer:
-            self.store.replace_partitions(self.experiment, self._buffer)
-            self._buffer = {}
-            self.transactions += 1
-        self._last = time.monotonic()
-
-
-class PostCompletions:
-    """Stand-in for `client.chat.completions` that sends the body with `client.post`.
-
-    `chat.completions.create` (with or without `.with_raw_response`) walks every request
-    through the SDK's typed transform (`openai._utils._transform`), about 1 ms of CPU per
-    request here. `client.post(..., cast_to=httpx.Response)` - the SDK's documented way to
-    make custom requests - skips it, raises the same exceptions and returns the raw response.
-    Installed on a real `OpenAIBackend` to simulate that fix; it serves both call paths the
-    backend has used (`create` -> `ChatCompletion`, `with_raw_response.create` -> raw).
-    """
-
-    def __init__(self, client: openai.AsyncOpenAI):
-        self.client = client
-        self.with_raw_response = _RawPost(client)
-
-    async def create(self, *, messages: list[dict[str, str]], extra_body: dict[str, Any] | None = None,
-                     **params: Any) -> ChatCompletion:
-        """Send one chat completion request as `create` would, untransformed; parsed answer."""
-        body = {"messages": messages, **params, **(extra_body or {})}
-        return await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-
-
-class _RawPost:
-    def __init__(self, client: openai.AsyncOpenAI):
-        self.client = client
-
-    async def create(self, *, messages: list[dict[str, str]], extra_body: dict[str, Any] | None = None,
-                     **params: Any) -> SimpleNamespace:
-        """Send one request untransformed; `.http_response` like `with_raw_response.create`."""
-        body = {"messages": messages, **params, **(extra_body or {})}
-        response = await self.client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-        return SimpleNamespace(http_response=response)
 
 
 @dataclass

@@ -63,16 +63,16 @@ def git_revision() -> str | None:
 
 def throughput_table(res: dict[str, Any]) -> str:
     rows = [
-        [p["concurrency"], p["narratives"], p["ideal_rate"], p["bare_rate"], p["engine_rate"],
-         f"{p['engine_over_bare']:.0%}", f"{p['engine_speedup_vs_one_at_a_time']:.1f}x",
-         p["bare_cpu_ms_per_req"], p["engine_cpu_ms_per_req"], f"{p['bare_cpu_over_engine_cpu']:.0%}",
-         p["max_in_flight"]]
+        [p["concurrency"], p["narratives"], p["ideal_rate"], p["bare_rate"], p["bare_fast_rate"], p["engine_rate"],
+         f"{p['engine_over_bare']:.0%}", f"{p['engine_over_bare_fast']:.0%}",
+         f"{p['engine_speedup_vs_one_at_a_time']:.1f}x",
+         p["bare_cpu_ms_per_req"], p["bare_fast_cpu_ms_per_req"], p["engine_cpu_ms_per_req"], p["max_in_flight"]]
         for p in res["points"]
     ]
     return md_table(
-        ["concurrency", "narratives/point", "ideal/s", "bare loop/s", "engine/s", "engine/bare",
-         "engine vs one-at-a-time", "bare CPU ms/req", "engine CPU ms/req", "bare CPU / engine CPU",
-         "max in flight"], rows)
+        ["concurrency", "narratives/point", "ideal/s", "bare loop/s", "fastest bare loop/s", "engine/s",
+         "engine/bare", "engine/fastest bare", "engine vs one-at-a-time", "bare CPU ms/req",
+         "fastest bare CPU ms/req", "engine CPU ms/req", "max in flight"], rows)
 
 
 def breakdown_table(res: dict[str, Any]) -> str:
@@ -90,8 +90,7 @@ def ingestion_table(res: dict[str, Any], gen: dict[str, Any]) -> str:
 
 
 def rules_table(res: dict[str, Any]) -> str:
-    labels = {"store": "writes as shipped (`Store.replace_partitions` per group of finished batches)",
-              "interval": "writes at most every 2 s (simulated)"}
+    labels = {"store": "writes as shipped (`Store.replace_partitions` per group of finished batches)"}
     rows = [["`rules.classify` loop", res["narratives"], "-", res["loop_s"], res["loop_rate"]]]
     rows += [[f"engine, {res['engine_batches']} batches, {labels[mode]}", res["narratives"], r["transactions"],
               r["seconds"], r["rate"]] for mode, r in res["engine"].items()]
@@ -112,6 +111,7 @@ def e2e_tables(res: dict[str, Any]) -> str:
         ["  metrics Dagster run", res["metrics_run_s"]],
         [f"bare loop, same {res['calls']:,} requests, concurrency {res['concurrency']} (half before, half after)",
          res["bare_s"]],
+        [f"fastest bare loop (`client.post` + aiohttp), same requests (half before, half after)", res["bare_fast_s"]],
         [f"ideal: calls x {res['latency_s']} s / {res['concurrency']}", res["ideal_s"]],
     ])
     cpu = res["run_cli"]["cpu_s"]
@@ -127,6 +127,8 @@ def e2e_tables(res: dict[str, Any]) -> str:
         ["peak RSS `narr run`", f"{res['run_cli']['peak_rss_mib']:,.0f} MiB"],
         ["**overhead vs bare loop** = (classification stage - bare) / classification stage",
          f"**{res['overhead_vs_bare']:.1%}**"],
+        ["overhead vs the fastest bare loop = (classification stage - fastest bare) / classification stage",
+         f"{res['overhead_vs_bare_fast']:.1%}"],
         ["overhead vs ideal = (classification stage - ideal) / classification stage", f"{res['overhead_vs_ideal']:.1%}"],
         ["engine only vs bare = (engine active - bare) / engine active", f"{res['engine_overhead_vs_bare']:.1%}"],
         ["whole `narr run` process vs bare", f"{res['narr_run_overhead_vs_bare']:.1%}"],
@@ -147,6 +149,9 @@ def targets(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             verdicts["engine_over_bare_c32"] = ok
             rows.append(["engine >= 90% of bare loop at concurrency 32", f"{c32['engine_over_bare']:.0%}",
                          "met" if ok else "MISSED"])
+            rows.append(["(stricter, ours) engine >= 90% of the fastest bare loop at concurrency 32",
+                         f"{c32['engine_over_bare_fast']:.0%}",
+                         "met" if c32["engine_over_bare_fast"] >= TARGETS["engine_over_bare_c32"] else "MISSED"])
     e2e = results.get("e2e")
     if e2e:
         ok = e2e["overhead_vs_bare"] < TARGETS["pipeline_overhead"]
