@@ -81,14 +81,14 @@ def build_cross_experiment_assets(experiments: list[ExperimentConfig]) -> list[d
         store = Store(duckdb)
         evals, pairwise, disagreements = cross_experiment(store, experiments)
         board = evaluation.leaderboard(evals)
+        # All three tables are replaced every time, empty ones included: a comparison with an
+        # experiment that was removed or changed must not outlive it.
         store.replace_table("leaderboard", board)
-        if pairwise:
-            store.replace_table("pairwise_comparisons", evaluation.pairwise_table(pairwise))
-        frames = [frame.assign(experiment=name) for name, frame in disagreements.items()]
-        if frames:
-            import pandas as pd
-
-            store.replace_table("disagreements", pd.concat(frames, ignore_index=True))
+        store.replace_table("pairwise_comparisons", evaluation.pairwise_table(pairwise))
+        store.replace_table(
+            "disagreements",
+            evaluation.disagreement_table([frame.assign(experiment=name) for name, frame in disagreements.items()]),
+        )
         shown = board[[c for c in ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share") if c in board]]
         from narr_assets.assets import frame_to_md
 
@@ -98,6 +98,9 @@ def build_cross_experiment_assets(experiments: list[ExperimentConfig]) -> list[d
     def report(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
         """One self-contained HTML report (plots, tables, disagreements) per run."""
         store = Store(duckdb)
+        # Recomputed rather than read back from the tables `leaderboard` wrote: the evaluations
+        # come from the metrics assets either way, and recomputing keeps every section of the
+        # report from the same moment (about a second at production size).
         evals, pairwise, disagreements = cross_experiment(store, experiments)
         board = evaluation.leaderboard(evals)
         out = settings.reports_dir() / f"report-{context.run.run_id[:8]}.html"

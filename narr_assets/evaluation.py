@@ -997,16 +997,31 @@ def paired_comparison(rows_a: pd.DataFrame, rows_b: pd.DataFrame, name_a: str, n
     return _jsonable(out)
 
 
+def _paired_columns(prefix: str) -> list[str]:
+    return [f"{prefix}_{k}" for k in ("n", "both_correct", "both_wrong", "a_only_correct", "b_only_correct",
+                                      "accuracy_a", "accuracy_b", "mcnemar_p")]
+
+
+#: Keys of :func:`paired_comparison`, in order: the columns of the `pairwise_comparisons` table.
+PAIRWISE_COLUMNS: tuple[str, ...] = (
+    "experiment_a", "experiment_b", "n_common", "n_only_a", "n_only_b", "n_label_conflicts",
+    "n_both_answered", "verdict_agree", "verdict_agreement", "verdict_kappa", "verdict_a_pos_b_neg",
+    "verdict_a_neg_b_pos", "verdict_mcnemar_p", *_paired_columns("answered"), *_paired_columns("strict"),
+    "strict_f1_a", "strict_f1_b",
+)  # fmt: skip
+
+
 def pairwise_table(comparisons: list[dict[str, Any]]) -> pd.DataFrame:
     """Stack :func:`paired_comparison` results into one table with nullable dtypes.
 
     Args:
-        comparisons: Dicts returned by :func:`paired_comparison`.
+        comparisons: Dicts returned by :func:`paired_comparison` (may be empty: the table
+            still has every column, so a stored table can always be replaced).
 
     Returns:
-        One row per comparison.
+        One row per comparison, columns :data:`PAIRWISE_COLUMNS`.
     """
-    return _typed_frame(comparisons)
+    return _typed_frame(comparisons, PAIRWISE_COLUMNS)
 
 
 DISAGREEMENT_COLUMNS: tuple[str, ...] = (
@@ -1061,6 +1076,22 @@ def disagreements(rows: pd.DataFrame) -> pd.DataFrame:
         columns=list(DISAGREEMENT_COLUMNS),
     )
     return _sort_disagreements(out)
+
+
+def disagreement_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Stack :func:`disagreements` tables (of several experiments) into one.
+
+    Args:
+        parts: Tables returned by :func:`disagreements`; may be empty.
+
+    Returns:
+        Their rows in order, columns :data:`DISAGREEMENT_COLUMNS`; with no parts, an empty
+        table with the same columns and dtypes (so a stored table can always be replaced).
+    """
+    if parts:
+        return pd.concat(parts, ignore_index=True)
+    dtypes = {"manual_flag_ind": "Int64", "detected": "boolean", "confidence": "Float64"}
+    return pd.DataFrame({c: pd.array([], dtype=dtypes.get(c, "string")) for c in DISAGREEMENT_COLUMNS})
 
 
 def _sort_disagreements(df: pd.DataFrame) -> pd.DataFrame:

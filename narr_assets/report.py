@@ -516,6 +516,11 @@ def _indicators(v: Any) -> str:
     return _esc(v)
 
 
+#: Rows of each experiment's disagreement table shown in the report (false negatives first,
+#: most confident first); a full labelled run can have thousands, all kept in DuckDB.
+MAX_DISAGREEMENT_ROWS = 200
+
+
 def _disagreement_section(disagreements: dict[str, pd.DataFrame]) -> str:
     head = (
         '<h2 id="disagreements">Disagreements</h2>'
@@ -525,6 +530,7 @@ def _disagreement_section(disagreements: dict[str, pd.DataFrame]) -> str:
     if not disagreements:
         return head + '<p class="note">No disagreement tables.</p>'
     parts = [head]
+    max_rows = MAX_DISAGREEMENT_ROWS
     header = ["kind", "incident", "type", "label", "detected", "confidence", "indicators", "rationale", "narrative"]
     for name, df in disagreements.items():
         kinds = df["kind"].value_counts() if "kind" in df.columns else pd.Series(dtype=int)
@@ -541,9 +547,14 @@ def _disagreement_section(disagreements: dict[str, pd.DataFrame]) -> str:
                 _esc(r.get("rationale")),
                 f'<div class="narr">{_esc(r.get("narrative_text"))}</div>',
             ]
-            for _, r in df.iterrows()
+            for _, r in df.head(max_rows).iterrows()
         ]
         table = _table(header, rows, text_cols=(0, 1, 2, 6, 7, 8)) if rows else '<p class="note">None.</p>'
+        if len(df) > max_rows:
+            table += (
+                f'<p class="note">Showing the first {max_rows:,} of {len(df):,} (false negatives first, most '
+                "confident first). Every row is in the DuckDB table <code>disagreements</code>.</p>"
+            )
         parts.append(
             f"<details><summary>{_esc(name)}: {n_fn} false negatives, {n_fp} false positives</summary>{table}</details>"
         )
@@ -604,7 +615,8 @@ def render_report(
     experiment: coverage, metrics table, precision/recall/F1 bars with intervals for
     overall/cme/le/incident x answered/strict, confusion matrices, prevalence and CME/LE
     agreement, reliability diagram, latency and token histograms; pairwise comparisons;
-    disagreements (one collapsible ``<details>`` per experiment). Every value taken from the
+    disagreements (one collapsible ``<details>`` per experiment, at most
+    ``MAX_DISAGREEMENT_ROWS`` rows each). Every value taken from the
     data is HTML-escaped. The file is written to a temporary sibling and renamed, so a reader
     never sees half a report.
 

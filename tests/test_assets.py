@@ -183,3 +183,36 @@ def test_retry_errors_through_run_config(project, server):
         assert server.stats()["chat_requests"] == errors
         statuses = Store(settings.db_path()).query_df("SELECT DISTINCT status FROM classification_rows")["status"]
         assert set(statuses) == {"ok"}
+
+
+def test_leaderboard_tables_forget_a_removed_experiment(project, server):
+    import os
+
+    source = write_long_csv(project / "input.csv", 8)
+    # Mislabel one clearly positive narrative: every experiment then has a disagreement row.
+    lines = source.read_text().splitlines()
+    assert lines[1].endswith(",1")
+    lines[1] = lines[1][:-1] + "0"
+    source.write_text("\n".join(lines) + "\n")
+    os.environ["NARR_SOURCE"] = str(source)
+    for name, version in (("alpha", "a"), ("beta", "b")):
+        write_experiment(project / "experiments", name, server.base_url, version=version)
+    defs = build_definitions()
+    store = Store(settings.db_path())
+    with dg.instance_for_test() as instance:
+        assert materialize(defs, instance, INGEST).success
+        parts = instance.get_dynamic_partitions("narrative_batches")
+        for name in ("alpha", "beta"):
+            assert materialize(defs, instance, [dg.AssetKey([name, "classifications"])], (parts[0], parts[-1])).success
+        keys = [dg.AssetKey(["alpha", "metrics"]), dg.AssetKey(["beta", "metrics"]), dg.AssetKey("leaderboard")]
+        assert materialize(defs, instance, keys).success
+        pairs = store.query_df("SELECT experiment_a, experiment_b FROM pairwise_comparisons")
+        assert pairs.values.tolist() == [["alpha", "beta"]]
+        assert sorted(store.query_df("SELECT DISTINCT experiment FROM disagreements")["experiment"]) == ["alpha", "beta"]
+
+        (project / "experiments" / "beta.yaml").unlink()
+        defs = build_definitions()
+        assert materialize(defs, instance, [dg.AssetKey(["alpha", "metrics"]), dg.AssetKey("leaderboard")]).success
+        assert list(store.query_df("SELECT experiment FROM leaderboard")["experiment"]) == ["alpha"]
+        assert int(store.query_df("SELECT count(*) AS n FROM pairwise_comparisons")["n"].iloc[0]) == 0
+        assert list(store.query_df("SELECT DISTINCT experiment FROM disagreements")["experiment"]) == ["alpha"]

@@ -22,11 +22,13 @@ from sklearn.metrics import (
 
 from narr_assets.evaluation import (
     DISAGREEMENT_COLUMNS,
+    PAIRWISE_COLUMNS,
     SCOPES,
     VARIANTS,
     binary_metrics,
     bootstrap_f1_interval,
     confusion,
+    disagreement_table,
     disagreements,
     evaluate,
     evaluation_tables,
@@ -34,6 +36,7 @@ from narr_assets.evaluation import (
     mcnemar_exact,
     metrics_markdown,
     paired_comparison,
+    pairwise_table,
     summary_row_columns,
     to_json,
     wilson_interval,
@@ -633,6 +636,22 @@ def test_paired_comparison_counts_and_mcnemar():
     assert pc["strict_mcnemar_p"] == pytest.approx(binomtest(0, 7, 0.5).pvalue)
     assert pc["strict_f1_a"] == 1.0 and pc["strict_f1_b"] < 1.0
     assert json.loads(to_json(pc)) == pc
+    assert tuple(pc) == PAIRWISE_COLUMNS
+    assert list(pairwise_table([pc, pc]).columns) == list(PAIRWISE_COLUMNS)
+
+
+def test_empty_pairwise_and_disagreement_tables_keep_their_columns():
+    """`leaderboard` replaces both tables even when empty, so they need columns and types."""
+    pairs = pairwise_table([])
+    assert pairs.empty and list(pairs.columns) == list(PAIRWISE_COLUMNS)
+    assert str(pairs["experiment_a"].dtype) == "string" and str(pairs["n_common"].dtype) == "Int64"
+    empty = disagreement_table([])
+    assert empty.empty and list(empty.columns) == list(DISAGREEMENT_COLUMNS)
+    assert str(empty["confidence"].dtype) == "Float64" and str(empty["detected"].dtype) == "boolean"
+    recs = _clean_rows(2, 2)
+    recs[0]["detected"] = False
+    parts = [disagreements(make_rows(recs, "x")), disagreements(make_rows(recs, "y"))]
+    assert list(disagreement_table(parts)["experiment"]) == ["x", "y"]
 
 
 def test_disagreements_ordering_and_content():

@@ -161,6 +161,21 @@ def test_report_without_optional_sections(tmp_path):
     assert "No disagreement tables." in html
 
 
+def test_disagreements_are_capped_with_a_note(inputs, monkeypatch):
+    from narr_assets import report
+
+    name = "qwen-strict"
+    table = inputs["disagreements"][name]
+    assert len(table) > 3
+    monkeypatch.setattr(report, "MAX_DISAGREEMENT_ROWS", 3)
+    html = report.render_report_html(inputs["evals"], inputs["leaderboard"], {name: table})
+    section = html[html.index('id="disagreements"'):]
+    assert section.count('<div class="narr">') == 3
+    assert f"Showing the first 3 of {len(table):,}" in section
+    n_fn = int((table["kind"] == "FN").sum())
+    assert f"{n_fn} false negatives" in section  # the summary still counts every row
+
+
 def test_import_does_not_load_matplotlib():
     """Loading the Dagster definitions imports this module; matplotlib must wait for a render."""
     code = "import sys, narr_assets.report; assert 'matplotlib' not in sys.modules"
