@@ -39,6 +39,9 @@ FULL = {"points": [(1, 40), (8, 400), (32, 1000), (64, 1200)], "reps": 3, "break
         "breakdown_reps": 3, "incidents": 20946, "ingest_reps": 3}
 QUICK = {"points": [(1, 15), (8, 120), (32, 300), (64, 400)], "reps": 2, "breakdown_n": 300,
          "breakdown_reps": 1, "incidents": 1000, "ingest_reps": 2}
+# Every code path once, tiny sizes: a test runs this so the benchmarks cannot rot unseen.
+SMOKE = {"points": [(1, 4), (8, 24), (32, 64), (64, 96)], "reps": 1, "breakdown_n": 64,
+         "breakdown_reps": 1, "incidents": 150, "ingest_reps": 1}
 
 TARGETS = {"engine_over_bare_c32": 0.90, "pipeline_overhead": 0.10, "peak_rss_gib": 2.0}
 
@@ -172,6 +175,8 @@ def targets(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes and repetitions (about 1 minute)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one repetition: checks the benchmarks run (numbers are meaningless)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     parser.add_argument("--incidents", type=int, help="rows of the generated file (default 20,946; 1,000 with --quick)")
     parser.add_argument("--e2e-concurrency", type=int, default=32, help="run.concurrency of the end-to-end run")
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
     args = parser.parse_args(argv)
-    sizes = dict(QUICK if args.quick else FULL)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = dict({"smoke": SMOKE, "quick": QUICK, "full": FULL}[mode])
     if args.incidents:
         sizes["incidents"] = args.incidents
     extra_env = dict(item.split("=", 1) for item in args.e2e_env)
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "sizes": sizes,
         "latency_s": LATENCY_S,
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
