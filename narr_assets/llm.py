@@ -85,6 +85,21 @@ class RulesBackend:
         return None
 
 
+def _describe_transport_error(exc: openai.APIConnectionError, timeout_s: float) -> str:
+    """`timed out after N s` or `connection error: <cause>`, from what really happened.
+
+    The SDK's exception class is not enough: its aiohttp transport maps every aiohttp
+    connection error (refused, reset, server disconnected) to a connect *timeout*, so a server
+    that is not running would read "timed out". The innermost cause tells them apart.
+    """
+    root: BaseException = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, TimeoutError) or (root is exc and isinstance(exc, openai.APITimeoutError)):
+        return f"timed out after {timeout_s:g} s"
+    return f"connection error: {type(root).__name__}"
+
+
 def _retry_after(headers: Any) -> float | None:
     if headers is None:
         return None
@@ -180,10 +195,8 @@ class OpenAIBackend:
             body = await self.client.post(
                 "/chat/completions", body={"messages": build_messages(self.cfg, text), **self.params}, cast_to=object
             )
-        except openai.APITimeoutError:
-            raise TransientError(f"timed out after {self.cfg.run.timeout_s:g} s") from None
-        except openai.APIConnectionError as exc:
-            raise TransientError(f"connection error: {type(exc.__cause__ or exc).__name__}") from None
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            raise TransientError(_describe_transport_error(exc, self.cfg.run.timeout_s)) from None
         except openai.APIStatusError as exc:
             if exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500:
                 raise TransientError(f"HTTP {exc.status_code}", _retry_after(exc.response.headers)) from None

@@ -41,3 +41,39 @@ def test_empty_content_refusal_and_length_are_kept_raw():
 def test_bodies_without_choices_are_transient(bad):
     with pytest.raises(TransientError, match="without choices"):
         raw_from_body(bad, 0.1)
+
+
+def _one_error(folder, base_url: str, timeout_s: float = 5.0) -> str:
+    import asyncio
+
+    from conftest import write_experiment
+    from narr_assets.experiments import load_experiment
+    from narr_assets.llm import OpenAIBackend
+
+    cfg = load_experiment(write_experiment(folder, "probe", base_url, timeout=timeout_s))
+
+    async def go() -> str:
+        backend = OpenAIBackend(cfg)
+        try:
+            await backend.complete("a narrative")
+        except TransientError as exc:
+            return str(exc)
+        finally:
+            await backend.aclose()
+        raise AssertionError("no error")
+
+    return asyncio.run(go())
+
+
+def test_transport_errors_say_what_happened(server, tmp_path):
+    """A server that is not running is a connection error, not a timeout, and vice versa."""
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert _one_error(tmp_path, f"http://127.0.0.1:{port}/v1").startswith("connection error: ")
+    server.configure(drop=1.0)
+    assert _one_error(tmp_path, server.base_url).startswith("connection error: ")
+    server.configure(drop=0.0, hang=1.0, hang_s=5.0)
+    assert _one_error(tmp_path, server.base_url, timeout_s=0.5) == "timed out after 0.5 s"
