@@ -932,7 +932,7 @@ def _paired_stats(correct_a: np.ndarray, correct_b: np.ndarray, prefix: str) -> 
 def paired_comparison(rows_a: pd.DataFrame, rows_b: pd.DataFrame, name_a: str, name_b: str) -> dict[str, Any]:
     """Compare two experiments on the narratives they share.
 
-    Pairs are matched on (incident_id, narrative_type). Three views:
+    Pairs are matched on (incident_id, narrative_type). Four views:
 
     * ``verdict_*``: on pairs both answered, agreement and kappa between the two verdicts and
       an exact McNemar test of "A positive, B negative" vs "A negative, B positive" (does one
@@ -940,7 +940,9 @@ def paired_comparison(rows_a: pd.DataFrame, rows_b: pd.DataFrame, name_a: str, n
     * ``answered_*``: on pairs both answered and labelled, correctness against the label and
       an exact McNemar test of "only A right" (b) vs "only B right" (c);
     * ``strict_*``: the same on every labelled pair, errors counting as wrong and skipped as
-      negative (the rules of :func:`evaluate`), plus the strict F1 of each side on this set.
+      negative (the rules of :func:`evaluate`), plus the strict F1 of each side on this set;
+    * ``incident_strict_*``: the strict view per incident (positive if either narrative is;
+      wrong if any of its narratives has an error), on the narratives both experiments have.
 
     Args:
         rows_a: Rows of experiment A (same columns as for :func:`evaluate`).
@@ -994,7 +996,32 @@ def paired_comparison(rows_a: pd.DataFrame, rows_b: pd.DataFrame, name_a: str, n
     ca, cb = (confusion(y, pa), confusion(y, pb)) if y.size else ({"tp": 0, "fp": 0, "tn": 0, "fn": 0},) * 2
     out["strict_f1_a"] = binary_metrics(**ca)["f1"]
     out["strict_f1_b"] = binary_metrics(**cb)["f1"]
+    out.update(_paired_incidents(a, b, m[key]))
     return _jsonable(out)
+
+
+def _paired_incidents(a: pd.DataFrame, b: pd.DataFrame, common: pd.DataFrame) -> dict[str, Any]:
+    """Strict incident-level paired statistics (positive if either narrative is).
+
+    Both sides are reduced to the narratives they share before incidents are formed, so an
+    incident's verdict never rests on a narrative only one experiment saw.
+    """
+    inc_a = _incident_frame(a.merge(common, on=["incident_id", "narrative_type"]))
+    inc_b = _incident_frame(b.merge(common, on=["incident_id", "narrative_type"]))
+    label = inc_a["label"].where(inc_a["label"].notna(), inc_b["label"])
+    keep = label.notna().to_numpy()
+    y = label.to_numpy(dtype=float)[keep]
+
+    def strict(inc: pd.DataFrame) -> np.ndarray:
+        pred, err = inc["pred"].to_numpy(dtype=float)[keep], inc["error"].to_numpy(dtype=bool)[keep]
+        return np.where(err, 1.0 - y, pred)
+
+    pa, pb = strict(inc_a), strict(inc_b)
+    out = _paired_stats(pa == y, pb == y, "incident_strict")
+    ca, cb = (confusion(y, pa), confusion(y, pb)) if y.size else ({"tp": 0, "fp": 0, "tn": 0, "fn": 0},) * 2
+    out["incident_strict_f1_a"] = binary_metrics(**ca)["f1"]
+    out["incident_strict_f1_b"] = binary_metrics(**cb)["f1"]
+    return out
 
 
 def _paired_columns(prefix: str) -> list[str]:
@@ -1007,7 +1034,7 @@ PAIRWISE_COLUMNS: tuple[str, ...] = (
     "experiment_a", "experiment_b", "n_common", "n_only_a", "n_only_b", "n_label_conflicts",
     "n_both_answered", "verdict_agree", "verdict_agreement", "verdict_kappa", "verdict_a_pos_b_neg",
     "verdict_a_neg_b_pos", "verdict_mcnemar_p", *_paired_columns("answered"), *_paired_columns("strict"),
-    "strict_f1_a", "strict_f1_b",
+    "strict_f1_a", "strict_f1_b", *_paired_columns("incident_strict"), "incident_strict_f1_a", "incident_strict_f1_b",
 )  # fmt: skip
 
 

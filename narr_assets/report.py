@@ -476,6 +476,7 @@ def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
         "A+ B&minus; / A&minus; B+", "p (verdicts)",
         "answered: only A right / only B right", "p (answered)",
         "strict: only A right / only B right", "p (strict)", "strict F1 A / B",
+        "incidents, strict: only A right / only B right", "p (incidents)", "incident strict F1 A / B",
     ]  # fmt: skip
     rows = [
         [
@@ -492,6 +493,9 @@ def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
             f"{_esc(p.get('strict_a_only_correct'))} / {_esc(p.get('strict_b_only_correct'))}",
             _num(p.get("strict_mcnemar_p"), 4),
             f"{_num(p.get('strict_f1_a'))} / {_num(p.get('strict_f1_b'))}",
+            f"{_esc(p.get('incident_strict_a_only_correct'))} / {_esc(p.get('incident_strict_b_only_correct'))}",
+            _num(p.get("incident_strict_mcnemar_p"), 4),
+            f"{_num(p.get('incident_strict_f1_a'))} / {_num(p.get('incident_strict_f1_b'))}",
         ]
         for p in pairwise
     ]
@@ -499,7 +503,8 @@ def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
         '<p class="note">Pairs are the same narrative (incident, type) in both experiments. '
         "p-values are two-sided exact McNemar tests on the discordant pairs; a small p for the "
         "verdicts means one experiment flags systematically more than the other, a small p for "
-        "correctness means one is right more often.</p>"
+        "correctness means one is right more often. The incident columns judge each incident "
+        "(positive if either narrative is) on the narratives both experiments have.</p>"
     )
     return head + _table(header, rows, text_cols=(0, 1)) + note
 

@@ -640,6 +640,39 @@ def test_paired_comparison_counts_and_mcnemar():
     assert list(pairwise_table([pc, pc]).columns) == list(PAIRWISE_COLUMNS)
 
 
+def test_paired_comparison_per_incident():
+    """Incident verdicts (positive if either narrative is), on the narratives both have."""
+
+    def rec(inc, typ, label, det, status="ok"):
+        return {"incident_id": inc, "narrative_type": typ, "status": status,
+                "detected": det if status == "ok" else None, "manual_flag_ind": label}
+
+    a = [
+        rec("0", "cme", 1, True), rec("0", "le", 0, False),   # right
+        rec("1", "cme", 1, True), rec("1", "le", 0, False),   # right
+        rec("2", "cme", 0, False), rec("2", "le", 0, True),   # wrong (false positive)
+        rec("3", "cme", 0, False), rec("3", "le", 0, False),  # right
+        rec("4", "cme", 1, True), rec("4", "le", 0, False),   # right
+        rec("5", "cme", 1, False), rec("5", "le", 0, False),  # only A has incident 5
+    ]
+    b = [
+        rec("0", "cme", 1, False), rec("0", "le", 0, True),   # both narratives wrong, incident right
+        rec("1", "cme", 1, False), rec("1", "le", 0, False),  # wrong
+        rec("2", "cme", 0, False), rec("2", "le", 0, False),  # right
+        rec("3", "cme", 0, False), rec("3", "le", 0, False),  # right
+        rec("4", "cme", 1, None, status="failed"), rec("4", "le", 0, False),  # an error: wrong
+    ]
+    pc = paired_comparison(make_rows(a, "A"), make_rows(b, "B"), "A", "B")
+    assert pc["incident_strict_n"] == 5
+    assert (pc["incident_strict_both_correct"], pc["incident_strict_both_wrong"]) == (2, 0)
+    assert (pc["incident_strict_a_only_correct"], pc["incident_strict_b_only_correct"]) == (2, 1)
+    assert pc["incident_strict_mcnemar_p"] == pytest.approx(mcnemar_exact(2, 1))
+    assert pc["incident_strict_f1_a"] == pytest.approx(6 / 7)  # TP 3, FP 1, FN 0
+    assert pc["incident_strict_f1_b"] == pytest.approx(0.5)  # TP 1, FP 0, FN 2
+    # At narrative level incident 0 counts against B twice; per incident B got it right.
+    assert pc["strict_a_only_correct"] == 4 and pc["strict_b_only_correct"] == 1
+
+
 def test_empty_pairwise_and_disagreement_tables_keep_their_columns():
     """`leaderboard` replaces both tables even when empty, so they need columns and types."""
     pairs = pairwise_table([])

@@ -147,6 +147,11 @@ def test_report_sections_and_values(report_html, inputs):
     assert f"{top['f1']:.3f}" in report_html
     n_fn = int((inputs["disagreements"]["qwen-strict"]["kind"] == "FN").sum())
     assert f"qwen-strict: {n_fn} false negatives" in report_html
+    pair = inputs["pairwise"][0]
+    section = report_html[report_html.index('id="pairwise"'):report_html.index('id="disagreements"')]
+    assert "incidents, strict: only A right / only B right" in section
+    assert f"<td>{pair['incident_strict_a_only_correct']} / {pair['incident_strict_b_only_correct']}</td>" in section
+    assert f"{pair['incident_strict_f1_a']:.3f} / {pair['incident_strict_f1_b']:.3f}" in section
 
 
 def test_report_is_deterministic(inputs, report_html):
