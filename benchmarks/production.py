@@ -105,19 +105,17 @@ def run_rules(db: Path, workdir: Path, log: Callable[[str], None] = print) -> di
             classify(text, lexicon)
     cfg = load_experiment(RULES_EXPERIMENT)
     items = work_items(narratives)
-    engine: dict[str, dict[str, Any]] = {}
-    for mode in ("store",):
-        out = Store(workdir / f"rules_engine_{mode}.duckdb")
-        out.query_df("SELECT 1")
-        writer = BatchWriter(out, cfg.name, mode)
-        with Timed() as eng:
-            summary = asyncio.run(run_engine(cfg, items, RulesBackend(cfg), None, writer.write))
-        rows = int(out.query_df("SELECT count(*) AS n FROM classification_rows")["n"].iloc[0])
-        if rows != len(texts) or summary.failed_batches:
-            raise RuntimeError(f"rules engine ({mode}) wrote {rows} of {len(texts)} rows")
-        engine[mode] = {"seconds": eng.wall_s, "rate": len(texts) / eng.wall_s, "classified": summary.calls_ok,
-                        "skipped_placeholders": summary.skipped, "transactions": writer.transactions}
-        log(f"  rules: engine ({mode} writes) {len(texts) / eng.wall_s:,.0f}/s")
+    out = Store(workdir / "rules_engine.duckdb")
+    out.query_df("SELECT 1")
+    writer = BatchWriter(out, cfg.name)
+    with Timed() as eng:
+        summary = asyncio.run(run_engine(cfg, items, RulesBackend(cfg), None, writer.write))
+    rows = int(out.query_df("SELECT count(*) AS n FROM classification_rows")["n"].iloc[0])
+    if rows != len(texts) or summary.failed_batches:
+        raise RuntimeError(f"rules engine wrote {rows} of {len(texts)} rows")
+    engine = {"seconds": eng.wall_s, "rate": len(texts) / eng.wall_s, "classified": summary.calls_ok,
+              "skipped_placeholders": summary.skipped, "transactions": writer.transactions}
+    log(f"  rules: engine {len(texts) / eng.wall_s:,.0f}/s")
     log(f"  rules: loop {len(texts) / loop.wall_s:,.0f}/s")
     return {
         "narratives": len(texts),

@@ -95,7 +95,9 @@ def _describe_transport_error(exc: openai.APIConnectionError, timeout_s: float) 
     root: BaseException = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    if isinstance(root, TimeoutError) or (root is exc and isinstance(exc, openai.APITimeoutError)):
+    # httpx's timeouts (the SDK's default transport) are not TimeoutError subclasses.
+    timed_out = isinstance(root, TimeoutError) or type(root).__name__.endswith("Timeout")
+    if timed_out or (root is exc and isinstance(exc, openai.APITimeoutError)):
         return f"timed out after {timeout_s:g} s"
     return f"connection error: {type(root).__name__}"
 

@@ -102,7 +102,7 @@ HARD_NEGATIVES = [
     (f"{M} He had a history of domestic violence arrests involving his ex-wife.",
      "decedent as perpetrator"),
     # homicide victims are out of scope
-    (f"V was a 30-year-old female who was shot and killed by her estranged husband. He had "
+    ("V was a 30-year-old female who was shot and killed by her estranged husband. He had "
      "abused her for years.", "decedent as homicide victim (out of scope)"),
 ]
 
