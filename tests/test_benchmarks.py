@@ -33,3 +33,11 @@ def test_every_benchmark_section_runs(tmp_path):
     for heading in ("## Classification throughput", "## Engine cost breakdown", "## Ingestion", "## `rules` backend",
                     "## End to end", "## Targets"):
         assert heading in md
+
+
+def test_dagster_events_benchmark_runs():
+    proc = subprocess.run([sys.executable, "benchmarks/dagster_events.py", "--partitions", "5", "--reps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| SQLite (default) | 5 |" in proc.stdout
+    assert "STEP_SUCCESS" not in proc.stderr  # Dagster's debug lines stay out of the output
