@@ -22,9 +22,8 @@ import pandas as pd
 
 from narr_assets.classify import WorkItem
 from narr_assets.experiments import ExperimentConfig, build_messages, load_experiment
-from narr_assets.llm import OpenAIBackend
+from narr_assets.llm import OpenAIBackend, request_params
 from narr_assets.narratives import text_hash
-from narr_assets.parsing import RESULT_SCHEMA
 from narr_assets.store import Store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -100,26 +99,12 @@ def make_items(texts: Sequence[str], n: int, batch_size: int = 100) -> dict[str,
     return out
 
 
-def request_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The sampling parameters a hand-written client would send for this experiment."""
-    params: dict[str, Any] = {
-        "model": cfg.model.name,
-        "temperature": cfg.model.temperature,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "ipv_verdict", "schema": RESULT_SCHEMA, "strict": True},
-        },
-    }
-    if cfg.model.max_tokens is not None:
-        params["max_tokens"] = cfg.model.max_tokens
-    return params
-
-
 async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: int, *,
                     post: bool = False, aiohttp: bool = False) -> int:
     """A hand-written client: `AsyncOpenAI` + `asyncio.Semaphore`, no journal, no database.
 
-    Sends the same messages and parameters as the engine, keeps each answer's content. The
+    Sends the same messages and body (`llm.request_params`) as the engine, keeps each answer's
+    content (the benchmark experiment has no `extra_body`, so `create` takes the body as is). The
     defaults are the reference loop (what the SDK's README shows); `post` and `aiohttp` make
     it the fastest loop we know how to write with the SDK, the two choices the engine makes.
 

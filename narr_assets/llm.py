@@ -147,6 +147,27 @@ def _error_message(exc: openai.APIStatusError) -> str:
     return str(exc)[:200]
 
 
+def request_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The chat completion body of an experiment's requests, apart from the messages."""
+    m = cfg.model
+    params: dict[str, Any] = {"model": m.name, "temperature": m.temperature}
+    if m.max_tokens is not None:
+        params["max_tokens"] = m.max_tokens
+    if m.seed is not None:
+        params["seed"] = m.seed
+    mode = cfg.output.mode
+    if mode == "json_schema":
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "ipv_verdict", "schema": RESULT_SCHEMA, "strict": True},
+        }
+    elif mode == "json_object":
+        params["response_format"] = {"type": "json_object"}
+    # Server-specific fields (e.g. top_k, chat_template_kwargs) go into the body as given.
+    params.update(m.extra_body)
+    return params
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat completions endpoint, through the async `openai` SDK."""
 
@@ -166,26 +187,7 @@ class OpenAIBackend:
             timeout=cfg.run.timeout_s,
             http_client=openai.DefaultAioHttpClient(),
         )
-        self.params = self._params()
-
-    def _params(self) -> dict[str, Any]:
-        m = self.cfg.model
-        params: dict[str, Any] = {"model": m.name, "temperature": m.temperature}
-        if m.max_tokens is not None:
-            params["max_tokens"] = m.max_tokens
-        if m.seed is not None:
-            params["seed"] = m.seed
-        mode = self.cfg.output.mode
-        if mode == "json_schema":
-            params["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "ipv_verdict", "schema": RESULT_SCHEMA, "strict": True},
-            }
-        elif mode == "json_object":
-            params["response_format"] = {"type": "json_object"}
-        # Server-specific fields (e.g. top_k, chat_template_kwargs) go into the body as given.
-        params.update(m.extra_body)
-        return params
+        self.params = request_params(cfg)
 
     async def complete(self, text: str) -> RawResponse:
         start = time.perf_counter()
