@@ -93,14 +93,21 @@ def make_items(texts: Sequence[str], n: int, batch_size: int = 100) -> dict[str,
         text = texts[i % len(texts)]
         batch_id = f"b{i // batch_size:05d}"
         out.setdefault(batch_id, []).append(
-            WorkItem(batch_id=batch_id, incident_id=f"{100000 + i // 2}", narrative_type=("cme", "le")[i % 2],
-                     text=text, text_hash=text_hash(text), is_placeholder=False)
+            WorkItem(
+                batch_id=batch_id,
+                incident_id=f"{100000 + i // 2}",
+                narrative_type=("cme", "le")[i % 2],
+                text=text,
+                text_hash=text_hash(text),
+                is_placeholder=False,
+            )
         )
     return out
 
 
-async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: int, *,
-                    post: bool = False, aiohttp: bool = False) -> int:
+async def bare_loop(
+    cfg: ExperimentConfig, texts: Sequence[str], concurrency: int, *, post: bool = False, aiohttp: bool = False
+) -> int:
     """A hand-written client: `AsyncOpenAI` + `asyncio.Semaphore`, no journal, no database.
 
     Sends the same messages and body (`llm.request_params`) as the engine, keeps each answer's
@@ -119,16 +126,18 @@ async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: in
         The number of answers with content.
     """
     extra = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
-    client = openai.AsyncOpenAI(base_url=cfg.model.base_url, api_key="not-needed", max_retries=0,
-                                timeout=cfg.run.timeout_s, **extra)
+    client = openai.AsyncOpenAI(
+        base_url=cfg.model.base_url, api_key="not-needed", max_retries=0, timeout=cfg.run.timeout_s, **extra
+    )
     semaphore = asyncio.Semaphore(concurrency)
     params = request_params(cfg)
 
     async def one(text: str) -> str | None:
         async with semaphore:
             if post:
-                body = await client.post("/chat/completions", body={"messages": build_messages(cfg, text), **params},
-                                         cast_to=object)
+                body = await client.post(
+                    "/chat/completions", body={"messages": build_messages(cfg, text), **params}, cast_to=object
+                )
                 return body["choices"][0]["message"]["content"]
             completion = await client.chat.completions.create(messages=build_messages(cfg, text), **params)
             return completion.choices[0].message.content
@@ -143,8 +152,9 @@ async def bare_loop(cfg: ExperimentConfig, texts: Sequence[str], concurrency: in
 def use_default_transport(backend: OpenAIBackend) -> None:
     """Give a backend the SDK's default (httpx) transport instead of aiohttp, all else equal."""
     old = backend.client
-    backend.client = openai.AsyncOpenAI(base_url=str(old.base_url), api_key=old.api_key, max_retries=old.max_retries,
-                                        timeout=old.timeout)
+    backend.client = openai.AsyncOpenAI(
+        base_url=str(old.base_url), api_key=old.api_key, max_retries=old.max_retries, timeout=old.timeout
+    )
     asyncio.run(old.close())
 
 
@@ -175,7 +185,7 @@ class Timed:
     wall_s: float = 0.0
     cpu_s: float = 0.0
 
-    def __enter__(self) -> "Timed":
+    def __enter__(self) -> Timed:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -219,8 +229,20 @@ def machine_facts() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "versions": {d: _version(d) for d in ("openai", "httpx2", "dagster", "duckdb", "pandas", "pyarrow",
-                                               "python-calamine", "openpyxl", "narr_assets")},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "openai",
+                "httpx2",
+                "dagster",
+                "duckdb",
+                "pandas",
+                "pyarrow",
+                "python-calamine",
+                "openpyxl",
+                "narr_assets",
+            )
+        },
     }
 
 

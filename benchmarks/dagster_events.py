@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dagster as dg  # noqa: E402
+import dagster as dg
 
-from benchmarks.common import md_table  # noqa: E402
+from benchmarks.common import md_table
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
@@ -47,10 +47,13 @@ def materialize_noop(partitions: int, instance_yaml: str) -> float:
     keys = [f"b{i:05d}" for i in range(partitions)]
     instance.add_dynamic_partitions("batches", keys)
     started = time.perf_counter()
-    result = dg.materialize([noop], instance=instance, raise_on_error=False,
-                            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
-                            tags={"dagster/asset_partition_range_start": keys[0],
-                                  "dagster/asset_partition_range_end": keys[-1]})
+    result = dg.materialize(
+        [noop],
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+    )
     seconds = time.perf_counter() - started
     materialized = len(result.get_asset_materialization_events())
     instance.dispose()
@@ -63,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partitions", type=int, default=354, help="partitions per run (354 = production file)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per storage")
-    parser.add_argument("--instance", type=Path, action="append", default=[],
-                        help="dagster.yaml lines for another instance storage (repeatable)")
+    parser.add_argument(
+        "--instance",
+        type=Path,
+        action="append",
+        default=[],
+        help="dagster.yaml lines for another instance storage (repeatable)",
+    )
     args = parser.parse_args(argv)
     storages = {"SQLite (default)": "", **{str(p): p.read_text() for p in args.instance}}
     seconds: dict[str, list[float]] = {name: [] for name in storages}
@@ -72,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in storages.items():
             seconds[name].append(materialize_noop(args.partitions, extra))
             print(f"rep {rep + 1}/{args.reps} {name}: {seconds[name][-1]:.2f} s", file=sys.stderr, flush=True)
-    rows = [[name, args.partitions, statistics.median(s), 1000 * statistics.median(s) / args.partitions,
-             ", ".join(f"{x:.2f}" for x in s)] for name, s in seconds.items()]
+    rows = [
+        [
+            name,
+            args.partitions,
+            statistics.median(s),
+            1000 * statistics.median(s) / args.partitions,
+            ", ".join(f"{x:.2f}" for x in s),
+        ]
+        for name, s in seconds.items()
+    ]
     print(md_table(["instance storage", "partitions", "run seconds (median)", "ms per partition", "all runs"], rows))
     return 0
 

@@ -19,7 +19,14 @@ from typing import Any
 import duckdb
 
 from benchmarks.common import (
-    LATENCY_S, PROJECT_ROOT, BatchWriter, Timed, bare_loop, loadavg, median, write_experiment,
+    LATENCY_S,
+    PROJECT_ROOT,
+    BatchWriter,
+    Timed,
+    bare_loop,
+    loadavg,
+    median,
+    write_experiment,
 )
 from narr_assets.classify import run_engine, work_items
 from narr_assets.experiments import load_experiment
@@ -78,16 +85,25 @@ def run_ingestion(source: Path, workdir: Path, reps: int, log: Callable[[str], N
             assign_batches(clean.narratives[["incident_id", "narrative_type"]], None, 100)
         times["  assign_batches"] = t.wall_s
         times["  rest (ledger read, merge, write)"] = (
-            times["build_narratives (total)"] - times["  read raw_narratives"] - times["  clean_narratives"]
+            times["build_narratives (total)"]
+            - times["  read raw_narratives"]
+            - times["  clean_narratives"]
             - times["  assign_batches"]
         )
         times["total (read_source + replace_raw + build_narratives)"] = (
             times["read_source"] + times["replace_raw (DuckDB write)"] + times["build_narratives (total)"]
         )
         runs.append(times)
-        counts = {"rows_read": load.rows_read, "long_rows": len(load.frame), "reader": load.reader,
-                  "batches": len(batches), **{k: int(v) for k, v in result.stats.items()}}
-        log(f"  ingestion rep {rep + 1}/{reps}: total {times['total (read_source + replace_raw + build_narratives)']:.2f} s")
+        counts = {
+            "rows_read": load.rows_read,
+            "long_rows": len(load.frame),
+            "reader": load.reader,
+            "batches": len(batches),
+            **{k: int(v) for k, v in result.stats.items()},
+        }
+        log(
+            f"  ingestion rep {rep + 1}/{reps}: total {times['total (read_source + replace_raw + build_narratives)']:.2f} s"
+        )
     with Timed() as t:
         read_source(source, engine="openpyxl")
     stages = {k: median([r[k] for r in runs]) for k in runs[0]}
@@ -113,8 +129,13 @@ def run_rules(db: Path, workdir: Path, log: Callable[[str], None] = print) -> di
     rows = int(out.query_df("SELECT count(*) AS n FROM classification_rows")["n"].iloc[0])
     if rows != len(texts) or summary.failed_batches:
         raise RuntimeError(f"rules engine wrote {rows} of {len(texts)} rows")
-    engine = {"seconds": eng.wall_s, "rate": len(texts) / eng.wall_s, "classified": summary.calls_ok,
-              "skipped_placeholders": summary.skipped, "transactions": writer.transactions}
+    engine = {
+        "seconds": eng.wall_s,
+        "rate": len(texts) / eng.wall_s,
+        "classified": summary.calls_ok,
+        "skipped_placeholders": summary.skipped,
+        "transactions": writer.transactions,
+    }
     log(f"  rules: engine {len(texts) / eng.wall_s:,.0f}/s")
     log(f"  rules: loop {len(texts) / loop.wall_s:,.0f}/s")
     return {
@@ -148,8 +169,12 @@ def _run_cli(args: list[str], env: dict[str, str], logfile: Path) -> dict[str, A
     if proc.returncode != 0:
         tail = logfile.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"narr {' '.join(args)} exited {proc.returncode}; log {logfile}:\n" + "\n".join(tail))
-    return {"wall_s": t.wall_s, "cpu_s": cpu_s, "exit_code": proc.returncode,
-            "peak_rss_mib": peak_kib / 1024 if peak_kib else None}
+    return {
+        "wall_s": t.wall_s,
+        "cpu_s": cpu_s,
+        "exit_code": proc.returncode,
+        "peak_rss_mib": peak_kib / 1024 if peak_kib else None,
+    }
 
 
 def _dagster_runs(home: Path) -> list[dict[str, Any]]:
@@ -178,15 +203,17 @@ def _dagster_runs(home: Path) -> list[dict[str, Any]]:
                 if kind in (DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_MATERIALIZATION):
                     spans.setdefault(kind.value, []).append(entry.timestamp)
             ended = record.end_time
-            out.append({
-                "run_id": run.run_id[:8],
-                "tags": {k: v for k, v in run.tags.items() if "partition_range" in k},
-                "status": run.status.value,
-                "duration_s": (ended - record.start_time) if record.start_time and ended else None,
-                "created_to_end_s": (ended - record.create_timestamp.timestamp()) if ended else None,
-                "steps_s": steps,
-                "events": {k: {"count": len(v), "span_s": max(v) - min(v)} for k, v in spans.items()},
-            })
+            out.append(
+                {
+                    "run_id": run.run_id[:8],
+                    "tags": {k: v for k, v in run.tags.items() if "partition_range" in k},
+                    "status": run.status.value,
+                    "duration_s": (ended - record.start_time) if record.start_time and ended else None,
+                    "created_to_end_s": (ended - record.create_timestamp.timestamp()) if ended else None,
+                    "steps_s": steps,
+                    "events": {k: {"count": len(v), "span_s": max(v) - min(v)} for k, v in spans.items()},
+                }
+            )
         if len(out) != len(instance.get_runs()):
             raise RuntimeError("run records and runs disagree")
         instance.dispose()
@@ -198,8 +225,13 @@ def _dagster_runs(home: Path) -> list[dict[str, Any]]:
             os.environ["DAGSTER_HOME"] = previous
 
 
-def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[[str], None] = print,
-                   extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_end_to_end(
+    source: Path,
+    workdir: Path,
+    concurrency: int,
+    log: Callable[[str], None] = print,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """`narr ingest` then `narr run` (LLM experiment) through the real CLI, and the bare loop.
 
     The test server runs in its own process with `LATENCY_S`. Two bare `AsyncOpenAI` loops (the
@@ -221,8 +253,11 @@ def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[
     (root / "dagster_home").mkdir(parents=True)
     env = {
         **os.environ,
-        "NARR_SOURCE": str(source), "NARR_DB": str(root / "narr.duckdb"), "NARR_DATA_DIR": str(root),
-        "NARR_EXPERIMENTS": str(root / "experiments"), "DAGSTER_HOME": str(root / "dagster_home"),
+        "NARR_SOURCE": str(source),
+        "NARR_DB": str(root / "narr.duckdb"),
+        "NARR_DATA_DIR": str(root),
+        "NARR_EXPERIMENTS": str(root / "experiments"),
+        "DAGSTER_HOME": str(root / "dagster_home"),
         **(extra_env or {}),
     }
     name = "bench_llm"
@@ -235,9 +270,12 @@ def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[
         ingest = _run_cli(["ingest"], env, root / "ingest.log")
         con = duckdb.connect(str(root / "narr.duckdb"), read_only=True)
         try:
-            texts = [r[0] for r in con.execute(
-                "SELECT narrative_text FROM narratives WHERE NOT is_placeholder ORDER BY batch_id, incident_id, narrative_type"
-            ).fetchall()]
+            texts = [
+                r[0]
+                for r in con.execute(
+                    "SELECT narrative_text FROM narratives WHERE NOT is_placeholder ORDER BY batch_id, incident_id, narrative_type"
+                ).fetchall()
+            ]
         finally:
             con.close()
         half = len(texts) // 2
@@ -251,8 +289,10 @@ def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[
                 run = _run_cli(["run", name], env, root / "run.log")
                 stats = server.stats()
                 load_after = loadavg()
-                log(f"  e2e: narr run {run['wall_s']:.1f} s, {stats['completions_ok']:,} calls; "
-                    f"bare loops, last {len(texts) - half:,} requests ...")
+                log(
+                    f"  e2e: narr run {run['wall_s']:.1f} s, {stats['completions_ok']:,} calls; "
+                    f"bare loops, last {len(texts) - half:,} requests ..."
+                )
                 continue
             for fast in (False, True):
                 server.reset()
@@ -266,8 +306,9 @@ def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[
     finished = re.search(r"narr: finished in ([\d.]+) s", (root / "run.log").read_text())
     con = duckdb.connect(str(root / "narr.duckdb"), read_only=True)
     try:
-        narratives = con.execute("SELECT count(*), count(*) FILTER (WHERE is_placeholder), count(DISTINCT batch_id) "
-                                 "FROM narratives").fetchone()
+        narratives = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE is_placeholder), count(DISTINCT batch_id) FROM narratives"
+        ).fetchone()
         statuses = dict(con.execute("SELECT status, count(*) FROM classification_rows GROUP BY 1").fetchall())
         active = con.execute("SELECT sum(active_seconds) FROM run_log WHERE experiment = ?", [name]).fetchone()[0]
     finally:
@@ -278,8 +319,13 @@ def run_end_to_end(source: Path, workdir: Path, concurrency: int, log: Callable[
     for r in runs:
         # `dg.materialize` runs carry no asset selection: their step keys tell what they did.
         steps = list(r["steps_s"])
-        kind = ("classification" if any(s.endswith("__classifications") for s in steps)
-                else "metrics" if any(s.endswith("__metrics") for s in steps) else "ingest")
+        kind = (
+            "classification"
+            if any(s.endswith("__classifications") for s in steps)
+            else "metrics"
+            if any(s.endswith("__metrics") for s in steps)
+            else "ingest"
+        )
         by_kind.setdefault(kind, []).append(r)
     if len(by_kind.get("classification", [])) != 1:
         raise RuntimeError(f"expected one classification run, got {[list(r['steps_s']) for r in runs]}")

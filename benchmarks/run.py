@@ -26,22 +26,40 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `narr_assets` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import LATENCY_S, PROJECT_ROOT, loadavg, machine_facts, md_table  # noqa: E402
-from benchmarks.production import generate, run_end_to_end, run_ingestion, run_rules  # noqa: E402
-from benchmarks.throughput import run_breakdown, run_throughput  # noqa: E402
+from benchmarks.common import LATENCY_S, PROJECT_ROOT, loadavg, machine_facts, md_table
+from benchmarks.production import generate, run_end_to_end, run_ingestion, run_rules
+from benchmarks.throughput import run_breakdown, run_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "breakdown", "ingestion", "rules", "e2e")
 MIB_PER_GIB = 1024.0
 
 # (concurrency, narratives) per point: about 4-5 s per measurement at full size on 2 cores.
-FULL = {"points": [(1, 40), (8, 400), (32, 1000), (64, 1200)], "reps": 3, "breakdown_n": 800,
-        "breakdown_reps": 3, "incidents": 20946, "ingest_reps": 3}
-QUICK = {"points": [(1, 15), (8, 120), (32, 300), (64, 400)], "reps": 2, "breakdown_n": 300,
-         "breakdown_reps": 1, "incidents": 1000, "ingest_reps": 2}
+FULL = {
+    "points": [(1, 40), (8, 400), (32, 1000), (64, 1200)],
+    "reps": 3,
+    "breakdown_n": 800,
+    "breakdown_reps": 3,
+    "incidents": 20946,
+    "ingest_reps": 3,
+}
+QUICK = {
+    "points": [(1, 15), (8, 120), (32, 300), (64, 400)],
+    "reps": 2,
+    "breakdown_n": 300,
+    "breakdown_reps": 1,
+    "incidents": 1000,
+    "ingest_reps": 2,
+}
 # Every code path once, tiny sizes: a test runs this so the benchmarks cannot rot unseen.
-SMOKE = {"points": [(1, 4), (8, 24), (32, 64), (64, 96)], "reps": 1, "breakdown_n": 64,
-         "breakdown_reps": 1, "incidents": 150, "ingest_reps": 1}
+SMOKE = {
+    "points": [(1, 4), (8, 24), (32, 64), (64, 96)],
+    "reps": 1,
+    "breakdown_n": 64,
+    "breakdown_reps": 1,
+    "incidents": 150,
+    "ingest_reps": 1,
+}
 
 TARGETS = {"engine_over_bare_c32": 0.90, "pipeline_overhead": 0.10, "peak_rss_gib": 2.0}
 
@@ -52,10 +70,15 @@ def log(line: str) -> None:
 
 def git_revision() -> str | None:
     try:
-        rev = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+uncommitted changes" if dirty else "")
@@ -66,23 +89,66 @@ def git_revision() -> str | None:
 
 def throughput_table(res: dict[str, Any]) -> str:
     rows = [
-        [p["concurrency"], p["narratives"], p["ideal_rate"], p["bare_rate"], p["bare_fast_rate"], p["engine_rate"],
-         f"{p['engine_over_bare']:.0%}", f"{p['engine_over_bare_fast']:.0%}",
-         f"{p['engine_speedup_vs_one_at_a_time']:.1f}x",
-         p["bare_cpu_ms_per_req"], p["bare_fast_cpu_ms_per_req"], p["engine_cpu_ms_per_req"], p["max_in_flight"]]
+        [
+            p["concurrency"],
+            p["narratives"],
+            p["ideal_rate"],
+            p["bare_rate"],
+            p["bare_fast_rate"],
+            p["engine_rate"],
+            f"{p['engine_over_bare']:.0%}",
+            f"{p['engine_over_bare_fast']:.0%}",
+            f"{p['engine_speedup_vs_one_at_a_time']:.1f}x",
+            p["bare_cpu_ms_per_req"],
+            p["bare_fast_cpu_ms_per_req"],
+            p["engine_cpu_ms_per_req"],
+            p["max_in_flight"],
+        ]
         for p in res["points"]
     ]
     return md_table(
-        ["concurrency", "narratives/point", "ideal/s", "bare loop/s", "fastest bare loop/s", "engine/s",
-         "engine/bare", "engine/fastest bare", "engine vs one-at-a-time", "bare CPU ms/req",
-         "fastest bare CPU ms/req", "engine CPU ms/req", "max in flight"], rows)
+        [
+            "concurrency",
+            "narratives/point",
+            "ideal/s",
+            "bare loop/s",
+            "fastest bare loop/s",
+            "engine/s",
+            "engine/bare",
+            "engine/fastest bare",
+            "engine vs one-at-a-time",
+            "bare CPU ms/req",
+            "fastest bare CPU ms/req",
+            "engine CPU ms/req",
+            "max in flight",
+        ],
+        rows,
+    )
 
 
 def breakdown_table(res: dict[str, Any]) -> str:
-    rows = [[r["variant"], r["rate"], f"{r['over_bare']:.0%}", r["cpu_ms_per_req"], f"{r['bare_cpu_over_cpu']:.0%}",
-             int(r["transactions"])] for r in res["rows"]]
-    return md_table(["variant", "narratives/s", "rate vs bare (same rep)", "client CPU ms/req",
-                     "bare CPU / variant CPU", "DuckDB transactions"], rows)
+    rows = [
+        [
+            r["variant"],
+            r["rate"],
+            f"{r['over_bare']:.0%}",
+            r["cpu_ms_per_req"],
+            f"{r['bare_cpu_over_cpu']:.0%}",
+            int(r["transactions"]),
+        ]
+        for r in res["rows"]
+    ]
+    return md_table(
+        [
+            "variant",
+            "narratives/s",
+            "rate vs bare (same rep)",
+            "client CPU ms/req",
+            "bare CPU / variant CPU",
+            "DuckDB transactions",
+        ],
+        rows,
+    )
 
 
 def ingestion_table(res: dict[str, Any], gen: dict[str, Any]) -> str:
@@ -94,52 +160,87 @@ def ingestion_table(res: dict[str, Any], gen: dict[str, Any]) -> str:
 
 def rules_table(res: dict[str, Any]) -> str:
     eng = res["engine"]
-    return md_table(["path", "narratives", "DuckDB transactions", "seconds", "narratives/s"], [
-        ["`rules.classify` loop", res["narratives"], "-", res["loop_s"], res["loop_rate"]],
-        [f"engine, {res['engine_batches']} batches, writes as shipped (`Store.replace_partitions` per group of "
-         "finished batches)", res["narratives"], eng["transactions"], eng["seconds"], eng["rate"]],
-    ])
+    return md_table(
+        ["path", "narratives", "DuckDB transactions", "seconds", "narratives/s"],
+        [
+            ["`rules.classify` loop", res["narratives"], "-", res["loop_s"], res["loop_rate"]],
+            [
+                f"engine, {res['engine_batches']} batches, writes as shipped (`Store.replace_partitions` per group of "
+                "finished batches)",
+                res["narratives"],
+                eng["transactions"],
+                eng["seconds"],
+                eng["rate"],
+            ],
+        ],
+    )
 
 
 def e2e_tables(res: dict[str, Any]) -> str:
     planned, mats = res["planned_events"], res["materialization_events"]
-    stages = md_table(["stage", "wall seconds"], [
-        ["`narr experiments` (process start-up only: Python, Dagster import)", res["startup_cli"]["wall_s"]],
-        ["`narr ingest` (whole process)", res["ingest_cli"]["wall_s"]],
-        ["`narr run` (whole process: start-up, classification, metrics, status)", res["run_cli"]["wall_s"]],
-        ["  classification stage (run created -> run finished)", res["classification_stage_s"]],
-        [f"    {planned['count']:,} `ASSET_MATERIALIZATION_PLANNED` events (before the run starts)", planned["span_s"]],
-        ["    classification run (start -> end)", res["classification_run_s"]],
-        ["      engine active time (`run_log`)", res["engine_active_s"]],
-        [f"      {mats['count']:,} `ASSET_MATERIALIZATION` events (after the engine)", mats["span_s"]],
-        ["  metrics Dagster run", res["metrics_run_s"]],
-        [f"bare loop, same {res['calls']:,} requests, concurrency {res['concurrency']} (half before, half after)",
-         res["bare_s"]],
-        ["fastest bare loop (`client.post` + aiohttp), same requests (half before, half after)", res["bare_fast_s"]],
-        [f"ideal: calls x {res['latency_s']} s / {res['concurrency']}", res["ideal_s"]],
-    ])
+    stages = md_table(
+        ["stage", "wall seconds"],
+        [
+            ["`narr experiments` (process start-up only: Python, Dagster import)", res["startup_cli"]["wall_s"]],
+            ["`narr ingest` (whole process)", res["ingest_cli"]["wall_s"]],
+            ["`narr run` (whole process: start-up, classification, metrics, status)", res["run_cli"]["wall_s"]],
+            ["  classification stage (run created -> run finished)", res["classification_stage_s"]],
+            [
+                f"    {planned['count']:,} `ASSET_MATERIALIZATION_PLANNED` events (before the run starts)",
+                planned["span_s"],
+            ],
+            ["    classification run (start -> end)", res["classification_run_s"]],
+            ["      engine active time (`run_log`)", res["engine_active_s"]],
+            [f"      {mats['count']:,} `ASSET_MATERIALIZATION` events (after the engine)", mats["span_s"]],
+            ["  metrics Dagster run", res["metrics_run_s"]],
+            [
+                f"bare loop, same {res['calls']:,} requests, concurrency {res['concurrency']} (half before, half after)",
+                res["bare_s"],
+            ],
+            [
+                "fastest bare loop (`client.post` + aiohttp), same requests (half before, half after)",
+                res["bare_fast_s"],
+            ],
+            [f"ideal: calls x {res['latency_s']} s / {res['concurrency']}", res["ideal_s"]],
+        ],
+    )
     cpu = res["run_cli"]["cpu_s"]
-    facts = md_table(["measure", "value"], [
-        ["narratives (placeholders)", f"{res['narratives']:,} ({res['placeholders']:,})"],
-        ["batches (Dagster partitions)", res["batches"]],
-        ["calls made (server)", res["calls"]],
-        ["rows by status", ", ".join(f"{k} {v:,}" for k, v in sorted(res["statuses"].items()))],
-        ["Dagster runs", res["dagster_run_count"]],
-        ["pipeline rate (calls / classification stage)", f"{res['pipeline_rate']:.1f}/s"],
-        ["bare loop rate", f"{res['bare_rate']:.1f}/s"],
-        ["peak RSS `narr ingest`", f"{res['ingest_cli']['peak_rss_mib']:,.0f} MiB"],
-        ["peak RSS `narr run`", f"{res['run_cli']['peak_rss_mib']:,.0f} MiB"],
-        ["**overhead vs bare loop** = (classification stage - bare) / classification stage",
-         f"**{res['overhead_vs_bare']:.1%}**"],
-        ["overhead vs the fastest bare loop = (classification stage - fastest bare) / classification stage",
-         f"{res['overhead_vs_bare_fast']:.1%}"],
-        ["overhead vs ideal = (classification stage - ideal) / classification stage", f"{res['overhead_vs_ideal']:.1%}"],
-        ["engine only vs bare = (engine active - bare) / engine active", f"{res['engine_overhead_vs_bare']:.1%}"],
-        ["whole `narr run` process vs bare", f"{res['narr_run_overhead_vs_bare']:.1%}"],
-        ["CPU seconds `narr run` / bare loop (overhead in CPU)",
-         f"{cpu:.1f} / {res['bare_cpu_s']:.1f} ({res['cpu_overhead_vs_bare']:.1%})" if cpu else "n/a"],
-        ["load average before / after `narr run`", f"{res['loadavg_during_run'][0]} / {res['loadavg_during_run'][1]}"],
-    ])
+    facts = md_table(
+        ["measure", "value"],
+        [
+            ["narratives (placeholders)", f"{res['narratives']:,} ({res['placeholders']:,})"],
+            ["batches (Dagster partitions)", res["batches"]],
+            ["calls made (server)", res["calls"]],
+            ["rows by status", ", ".join(f"{k} {v:,}" for k, v in sorted(res["statuses"].items()))],
+            ["Dagster runs", res["dagster_run_count"]],
+            ["pipeline rate (calls / classification stage)", f"{res['pipeline_rate']:.1f}/s"],
+            ["bare loop rate", f"{res['bare_rate']:.1f}/s"],
+            ["peak RSS `narr ingest`", f"{res['ingest_cli']['peak_rss_mib']:,.0f} MiB"],
+            ["peak RSS `narr run`", f"{res['run_cli']['peak_rss_mib']:,.0f} MiB"],
+            [
+                "**overhead vs bare loop** = (classification stage - bare) / classification stage",
+                f"**{res['overhead_vs_bare']:.1%}**",
+            ],
+            [
+                "overhead vs the fastest bare loop = (classification stage - fastest bare) / classification stage",
+                f"{res['overhead_vs_bare_fast']:.1%}",
+            ],
+            [
+                "overhead vs ideal = (classification stage - ideal) / classification stage",
+                f"{res['overhead_vs_ideal']:.1%}",
+            ],
+            ["engine only vs bare = (engine active - bare) / engine active", f"{res['engine_overhead_vs_bare']:.1%}"],
+            ["whole `narr run` process vs bare", f"{res['narr_run_overhead_vs_bare']:.1%}"],
+            [
+                "CPU seconds `narr run` / bare loop (overhead in CPU)",
+                f"{cpu:.1f} / {res['bare_cpu_s']:.1f} ({res['cpu_overhead_vs_bare']:.1%})" if cpu else "n/a",
+            ],
+            [
+                "load average before / after `narr run`",
+                f"{res['loadavg_during_run'][0]} / {res['loadavg_during_run'][1]}",
+            ],
+        ],
+    )
     return stages + "\n\n" + facts
 
 
@@ -151,18 +252,31 @@ def targets(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if c32:
             ok = c32["engine_over_bare"] >= TARGETS["engine_over_bare_c32"]
             verdicts["engine_over_bare_c32"] = ok
-            rows.append(["engine >= 90% of bare loop at concurrency 32", f"{c32['engine_over_bare']:.0%}",
-                         "met" if ok else "MISSED"])
-            rows.append(["(stricter, ours) engine >= 90% of the fastest bare loop at concurrency 32",
-                         f"{c32['engine_over_bare_fast']:.0%}",
-                         "met" if c32["engine_over_bare_fast"] >= TARGETS["engine_over_bare_c32"] else "MISSED"])
+            rows.append(
+                [
+                    "engine >= 90% of bare loop at concurrency 32",
+                    f"{c32['engine_over_bare']:.0%}",
+                    "met" if ok else "MISSED",
+                ]
+            )
+            rows.append(
+                [
+                    "(stricter, ours) engine >= 90% of the fastest bare loop at concurrency 32",
+                    f"{c32['engine_over_bare_fast']:.0%}",
+                    "met" if c32["engine_over_bare_fast"] >= TARGETS["engine_over_bare_c32"] else "MISSED",
+                ]
+            )
     e2e = results.get("e2e")
     if e2e:
         ok = e2e["overhead_vs_bare"] < TARGETS["pipeline_overhead"]
         verdicts["pipeline_overhead"] = ok
-        rows.append(["pipeline overhead < 10% of the classification stage (vs bare loop, same run)",
-                     f"{e2e['overhead_vs_bare']:.1%}",
-                     "met" if ok else "MISSED"])
+        rows.append(
+            [
+                "pipeline overhead < 10% of the classification stage (vs bare loop, same run)",
+                f"{e2e['overhead_vs_bare']:.1%}",
+                "met" if ok else "MISSED",
+            ]
+        )
         peak = max(e2e["ingest_cli"]["peak_rss_mib"] or 0, e2e["run_cli"]["peak_rss_mib"] or 0) / MIB_PER_GIB
         ok = peak < TARGETS["peak_rss_gib"]
         verdicts["peak_rss"] = ok
@@ -176,13 +290,21 @@ def targets(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes and repetitions (about 1 minute)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, one repetition: checks the benchmarks run (numbers are meaningless)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one repetition: checks the benchmarks run (numbers are meaningless)",
+    )
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     parser.add_argument("--incidents", type=int, help="rows of the generated file (default 20,946; 1,000 with --quick)")
     parser.add_argument("--e2e-concurrency", type=int, default=32, help="run.concurrency of the end-to-end run")
-    parser.add_argument("--e2e-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the narr processes, e.g. NARR_BATCH_SIZE=500 (repeatable)")
+    parser.add_argument(
+        "--e2e-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the narr processes, e.g. NARR_BATCH_SIZE=500 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
     args = parser.parse_args(argv)
@@ -195,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="narr-bench-"))
     started = time.time()
     results: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.executable).name, "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "mode": mode,
         "sizes": sizes,
         "latency_s": LATENCY_S,
@@ -219,15 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in sections:
             log("throughput: bare loop vs engine ...")
             results["throughput"] = run_throughput(workdir / "throughput", sizes["points"], sizes["reps"], log)
-            out.append(f"## Classification throughput (test server in a subprocess, latency {LATENCY_S} s, "
-                       f"median of {sizes['reps']})\n\n" + throughput_table(results["throughput"]))
+            out.append(
+                f"## Classification throughput (test server in a subprocess, latency {LATENCY_S} s, "
+                f"median of {sizes['reps']})\n\n" + throughput_table(results["throughput"])
+            )
             lap("throughput")
         if "breakdown" in sections:
             log("breakdown: engine variants at concurrency 32 ...")
-            results["breakdown"] = run_breakdown(workdir / "breakdown", 32, sizes["breakdown_n"],
-                                                 sizes["breakdown_reps"], log)
-            out.append(f"## Engine cost breakdown (concurrency 32, {sizes['breakdown_n']} narratives, "
-                       f"median of {sizes['breakdown_reps']})\n\n" + breakdown_table(results["breakdown"]))
+            results["breakdown"] = run_breakdown(
+                workdir / "breakdown", 32, sizes["breakdown_n"], sizes["breakdown_reps"], log
+            )
+            out.append(
+                f"## Engine cost breakdown (concurrency 32, {sizes['breakdown_n']} narratives, "
+                f"median of {sizes['breakdown_reps']})\n\n" + breakdown_table(results["breakdown"])
+            )
             lap("breakdown")
         if {"ingestion", "rules", "e2e"} & set(sections):
             log(f"generating the production-shaped file ({sizes['incidents']:,} rows) ...")
@@ -240,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             lap("generate + ingestion")
             if "ingestion" in sections:
                 c = results["ingestion"]["counts"]
-                out.append(f"## Ingestion ({sizes['incidents']:,} rows -> {c['narratives']:,} narratives, "
-                           f"{c['placeholders']:,} placeholders, {c['batches']} batches; median of "
-                           f"{sizes['ingest_reps']})\n\n" + ingestion_table(results["ingestion"], results["generate"]))
+                out.append(
+                    f"## Ingestion ({sizes['incidents']:,} rows -> {c['narratives']:,} narratives, "
+                    f"{c['placeholders']:,} placeholders, {c['batches']} batches; median of "
+                    f"{sizes['ingest_reps']})\n\n" + ingestion_table(results["ingestion"], results["generate"])
+                )
             if "rules" in sections:
                 log("rules backend ...")
                 results["rules"] = run_rules(ingest_dir / "ingest_r0.duckdb", workdir, log)
@@ -252,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"end to end through the CLI (concurrency {args.e2e_concurrency}) ...")
                 results["e2e"] = run_end_to_end(source, workdir, args.e2e_concurrency, log, extra_env)
                 env_note = f", env {' '.join(args.e2e_env)}" if args.e2e_env else ""
-                out.append(f"## End to end: `narr ingest` + `narr run` ({sizes['incidents']:,} rows, concurrency "
-                           f"{args.e2e_concurrency}, latency {LATENCY_S} s{env_note})\n\n" + e2e_tables(results["e2e"]))
+                out.append(
+                    f"## End to end: `narr ingest` + `narr run` ({sizes['incidents']:,} rows, concurrency "
+                    f"{args.e2e_concurrency}, latency {LATENCY_S} s{env_note})\n\n" + e2e_tables(results["e2e"])
+                )
                 lap("e2e")
     finally:
         results["loadavg_end"] = loadavg()
@@ -266,9 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = verdicts
     out.append("## Targets\n\n" + table)
     machine = results["machine"]
-    out.insert(0, f"# narr_assets benchmarks ({results['mode']})\n\n`{results['command']}` - {results['started_at']}, "
-                  f"{results['seconds']:.0f} s, git {results['git']}; nproc {machine['nproc']}, Python {machine['python']}; "
-                  f"load average {results['loadavg_start']} -> {results['loadavg_end']}")
+    out.insert(
+        0,
+        f"# narr_assets benchmarks ({results['mode']})\n\n`{results['command']}` - {results['started_at']}, "
+        f"{results['seconds']:.0f} s, git {results['git']}; nproc {machine['nproc']}, Python {machine['python']}; "
+        f"load average {results['loadavg_start']} -> {results['loadavg_end']}",
+    )
     print("\n\n".join(out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))

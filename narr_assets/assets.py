@@ -5,7 +5,6 @@ Graph: source_file -> raw_narratives -> narratives -> narrative_batches
        -> leaderboard -> report
 """
 
-
 import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
@@ -21,7 +20,9 @@ from narr_assets.store import Store
 batch_partitions = dg.DynamicPartitionsDefinition(name="narrative_batches")
 
 
-@dg.observable_source_asset(group_name="ingest", description="The input spreadsheet; its data version is the file's MD5.")
+@dg.observable_source_asset(
+    group_name="ingest", description="The input spreadsheet; its data version is the file's MD5."
+)
 def source_file() -> dg.ObserveResult:
     path = settings.source_path()
     if not path.is_file():
@@ -59,7 +60,11 @@ def narratives(duckdb: DuckDBResource) -> dg.MaterializeResult:
     stats = dict(result.stats)
     table = "\n".join(["| count | value |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in stats.items())])
     return dg.MaterializeResult(
-        metadata={**{k: int(v) for k, v in stats.items()}, "new_batches": len(new_batches), "counts": dg.MetadataValue.md(table)},
+        metadata={
+            **{k: int(v) for k, v in stats.items()},
+            "new_batches": len(new_batches),
+            "counts": dg.MetadataValue.md(table),
+        },
     )
 
 
@@ -105,17 +110,28 @@ def build_classifications_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         group_name="classification",
         kinds=kinds,
         description=cfg.description or f"{cfg.name}: {cfg.backend} classifications by batch",
-        metadata={"model": model, "config_hash": cfg.config_hash, "source_file": cfg.source_file,
-                  "effective_config": dg.MetadataValue.json(cfg.effective())},
+        metadata={
+            "model": model,
+            "config_hash": cfg.config_hash,
+            "source_file": cfg.source_file,
+            "effective_config": dg.MetadataValue.json(cfg.effective()),
+        },
         automation_condition=dg.AutomationCondition.eager() if cfg.run.auto_materialize else None,
     )
-    def classifications(context: dg.AssetExecutionContext, config: ClassifyConfig, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    def classifications(
+        context: dg.AssetExecutionContext, config: ClassifyConfig, duckdb: DuckDBResource
+    ) -> dg.MaterializeResult:
         store = Store(duckdb)
         try:
             summary = classify_batches(
-                cfg, store, list(context.partition_keys),
-                journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir(),
-                retry_errors=config.retry_errors, log=context.log.info, progress_every_s=config.progress_every_s,
+                cfg,
+                store,
+                list(context.partition_keys),
+                journal_dir=settings.journal_dir(),
+                locks_dir=settings.locks_dir(),
+                retry_errors=config.retry_errors,
+                log=context.log.info,
+                progress_every_s=config.progress_every_s,
             )
         except PartitionBusyError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
@@ -133,7 +149,9 @@ def build_classifications_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
 def _summary_metadata(summary, model: str) -> dict:
     """Metadata of one run. A run covers a range of partitions and Dagster attaches the same
     metadata to each, so every count says it is for the run, not for the one batch."""
-    statuses = "\n".join(["| status | rows |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in sorted(summary.status_counts.items()))])
+    statuses = "\n".join(
+        ["| status | rows |", "|---|---|", *(f"| {k} | {v:,} |" for k, v in sorted(summary.status_counts.items()))]
+    )
     return {
         "model": model,
         "config_hash": summary.config_hash,
@@ -167,5 +185,8 @@ def frame_to_md(frame: pd.DataFrame, max_rows: int = 30) -> str:
     shown = frame.head(max_rows)
     header = "| " + " | ".join(map(str, shown.columns)) + " |"
     sep = "|" + "---|" * len(shown.columns)
-    body = ["| " + " | ".join("" if pd.isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row) + " |" for row in shown.itertuples(index=False)]
+    body = [
+        "| " + " | ".join("" if pd.isna(v) else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row) + " |"
+        for row in shown.itertuples(index=False)
+    ]
     return "\n".join([header, sep, *body])

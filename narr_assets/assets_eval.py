@@ -1,6 +1,5 @@
 """Evaluation assets: per-experiment metrics, then leaderboard, report and exports."""
 
-
 import itertools
 
 import dagster as dg
@@ -21,7 +20,8 @@ def evaluate_experiment(store: Store, cfg: ExperimentConfig) -> dict:
     ev["config_hash"] = cfg.config_hash
     tables = evaluation.evaluation_tables(ev)
     store.replace_evaluation(
-        cfg.name, cfg.config_hash,
+        cfg.name,
+        cfg.config_hash,
         {
             "experiment_metrics": tables["metrics"],
             "experiment_coverage": tables["coverage"],
@@ -67,7 +67,9 @@ def cross_experiment(store: Store, experiments: list[ExperimentConfig]) -> tuple
     evals = [stored[cfg.name][1] for cfg in current if stored[cfg.name][1]["coverage"]["n_answered"] > 0]
     names = {ev["experiment"] for ev in evals}
     rows = {cfg.name: evaluation_rows(store, cfg) for cfg in current if cfg.name in names}
-    pairwise = [evaluation.paired_comparison(rows[a], rows[b], a, b) for a, b in itertools.combinations(sorted(rows), 2)]
+    pairwise = [
+        evaluation.paired_comparison(rows[a], rows[b], a, b) for a, b in itertools.combinations(sorted(rows), 2)
+    ]
     disagreements = {name: evaluation.disagreements(frame) for name, frame in rows.items()}
     return evals, pairwise, disagreements
 
@@ -89,10 +91,18 @@ def build_cross_experiment_assets(experiments: list[ExperimentConfig]) -> list[d
             "disagreements",
             evaluation.disagreement_table([frame.assign(experiment=name) for name, frame in disagreements.items()]),
         )
-        shown = board[[c for c in ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share") if c in board]]
+        shown = board[
+            [
+                c
+                for c in ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share")
+                if c in board
+            ]
+        ]
         from narr_assets.assets import frame_to_md
 
-        return dg.MaterializeResult(metadata={"experiments": len(board), "leaderboard": dg.MetadataValue.md(frame_to_md(shown))})
+        return dg.MaterializeResult(
+            metadata={"experiments": len(board), "leaderboard": dg.MetadataValue.md(frame_to_md(shown))}
+        )
 
     @dg.asset(deps=[leaderboard], group_name="evaluation", kinds={"html"})
     def report(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.MaterializeResult:
@@ -108,7 +118,11 @@ def build_cross_experiment_assets(experiments: list[ExperimentConfig]) -> list[d
         latest = settings.reports_dir() / "report.html"
         latest.write_bytes(out.read_bytes())
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(out)), "latest": dg.MetadataValue.path(str(latest)), "experiments": len(evals)}
+            metadata={
+                "path": dg.MetadataValue.path(str(out)),
+                "latest": dg.MetadataValue.path(str(latest)),
+                "experiments": len(evals),
+            }
         )
 
     @dg.asset(deps=metrics_keys, group_name="evaluation", kinds={"csv"})

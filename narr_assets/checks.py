@@ -1,6 +1,5 @@
 """Asset checks: thin wrappers over the rules in `quality.py`."""
 
-
 from collections.abc import Callable
 
 import dagster as dg
@@ -42,7 +41,8 @@ def narratives_labels_valid(duckdb: DuckDBResource) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(
-    asset=narratives, name=CHECKSUM_CURRENT,
+    asset=narratives,
+    name=CHECKSUM_CURRENT,
     description="The ingested data is from the source file as it is now; fails until a changed file is re-ingested.",
 )
 def narratives_checksum_current(duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -51,7 +51,9 @@ def narratives_checksum_current(duckdb: DuckDBResource) -> dg.AssetCheckResult:
     return _result(quality.checksum_current(Store(duckdb), current))
 
 
-def build_experiment_checks(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -> list[dg.AssetChecksDefinition]:
+def build_experiment_checks(
+    cfg: ExperimentConfig, classifications: dg.AssetsDefinition
+) -> list[dg.AssetChecksDefinition]:
     """Checks over all written partitions of one experiment's classifications."""
 
     def make(name: str, description: str, rule: Callable[[Store], tuple[bool, dict]]) -> dg.AssetChecksDefinition:
@@ -62,13 +64,25 @@ def build_experiment_checks(cfg: ExperimentConfig, classifications: dg.AssetsDef
         return _check
 
     return [
-        make(ONE_ROW_PER_NARRATIVE, "Every narrative of a classified batch has exactly one current row.",
-             lambda s: quality.one_row_per_narrative(s, cfg.name)),
-        make(ERROR_RATE, f"Parse errors, refusals and truncations stay under {cfg.run.max_error_rate:.0%} of asked rows.",
-             lambda s: quality.error_rate_below(s, cfg.name, cfg.run.max_error_rate)),
-        make(CONFIDENCE_RANGE, "Every confidence is within [0, 1].",
-             lambda s: quality.confidences_in_range(s, cfg.name)),
+        make(
+            ONE_ROW_PER_NARRATIVE,
+            "Every narrative of a classified batch has exactly one current row.",
+            lambda s: quality.one_row_per_narrative(s, cfg.name),
+        ),
+        make(
+            ERROR_RATE,
+            f"Parse errors, refusals and truncations stay under {cfg.run.max_error_rate:.0%} of asked rows.",
+            lambda s: quality.error_rate_below(s, cfg.name, cfg.run.max_error_rate),
+        ),
+        make(
+            CONFIDENCE_RANGE, "Every confidence is within [0, 1].", lambda s: quality.confidences_in_range(s, cfg.name)
+        ),
     ]
 
 
-ingest_checks = [narratives_keys_unique, narratives_text_not_empty, narratives_labels_valid, narratives_checksum_current]
+ingest_checks = [
+    narratives_keys_unique,
+    narratives_text_not_empty,
+    narratives_labels_valid,
+    narratives_checksum_current,
+]

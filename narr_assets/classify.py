@@ -45,7 +45,7 @@ class PartitionBusyError(RuntimeError):
 class ClassificationFailed(RuntimeError):
     """Some batches could not be completed; the others were written."""
 
-    def __init__(self, message: str, summary: "RunSummary"):
+    def __init__(self, message: str, summary: RunSummary):
         super().__init__(message)
         self.summary = summary
 
@@ -208,10 +208,16 @@ def result_row(
     cost a model dump and a sha256 for every answer.
     """
     row: dict[str, Any] = {
-        "experiment": cfg.name, "batch_id": item.batch_id, "incident_id": item.incident_id,
-        "narrative_type": item.narrative_type, "text_hash": item.text_hash,
-        "config_hash": config_hash, "attempts": attempts, "from_journal": from_journal,
-        "parser_version": PARSER_VERSION, "data_checksum": item.data_checksum,
+        "experiment": cfg.name,
+        "batch_id": item.batch_id,
+        "incident_id": item.incident_id,
+        "narrative_type": item.narrative_type,
+        "text_hash": item.text_hash,
+        "config_hash": config_hash,
+        "attempts": attempts,
+        "from_journal": from_journal,
+        "parser_version": PARSER_VERSION,
+        "data_checksum": item.data_checksum,
         "classified_at": pd.Timestamp(classified_at, unit="s", tz="UTC") if classified_at else None,
     }
     if raw is None:
@@ -219,12 +225,21 @@ def result_row(
         return row
     parsed = parse_answer(raw.content, raw.reasoning, raw.finish_reason, raw.refusal)
     row.update(
-        status=parsed.status, detected=parsed.detected, confidence=parsed.confidence,
-        indicators=json.dumps(list(parsed.indicators), ensure_ascii=False), rationale=parsed.rationale,
-        error=parsed.error, answer_source=parsed.answer_source, raw_content=raw.content,
-        raw_reasoning=raw.reasoning, finish_reason=raw.finish_reason, model=raw.model,
-        prompt_tokens=raw.prompt_tokens, completion_tokens=raw.completion_tokens,
-        reasoning_tokens=raw.reasoning_tokens, latency_s=raw.latency_s,
+        status=parsed.status,
+        detected=parsed.detected,
+        confidence=parsed.confidence,
+        indicators=json.dumps(list(parsed.indicators), ensure_ascii=False),
+        rationale=parsed.rationale,
+        error=parsed.error,
+        answer_source=parsed.answer_source,
+        raw_content=raw.content,
+        raw_reasoning=raw.reasoning,
+        finish_reason=raw.finish_reason,
+        model=raw.model,
+        prompt_tokens=raw.prompt_tokens,
+        completion_tokens=raw.completion_tokens,
+        reasoning_tokens=raw.reasoning_tokens,
+        latency_s=raw.latency_s,
     )
     return row
 
@@ -250,8 +265,12 @@ def work_items(narratives: pd.DataFrame) -> dict[str, list[WorkItem]]:
     for rec in narratives.itertuples(index=False):
         out.setdefault(rec.batch_id, []).append(
             WorkItem(
-                batch_id=rec.batch_id, incident_id=rec.incident_id, narrative_type=rec.narrative_type,
-                text=rec.narrative_text, text_hash=rec.text_hash, is_placeholder=bool(rec.is_placeholder),
+                batch_id=rec.batch_id,
+                incident_id=rec.incident_id,
+                narrative_type=rec.narrative_type,
+                text=rec.narrative_text,
+                text_hash=rec.text_hash,
+                is_placeholder=bool(rec.is_placeholder),
                 data_checksum=getattr(rec, "data_checksum", None),
             )
         )
@@ -277,7 +296,9 @@ async def run_engine(
     cached = journal.latest(stats) if journal is not None else {}
     summary.journal_corrupt_lines = stats.corrupt_lines
     if stats.corrupt_lines:
-        log(f"journal: skipped {stats.corrupt_lines} torn or corrupt line(s) (a crash mid-write); those answers are asked again")
+        log(
+            f"journal: skipped {stats.corrupt_lines} torn or corrupt line(s) (a crash mid-write); those answers are asked again"
+        )
 
     rows: dict[str, list[dict[str, Any]]] = {b: [] for b in items_by_batch}
     pending: dict[str, int] = {b: 0 for b in items_by_batch}
@@ -288,12 +309,23 @@ async def run_engine(
             record = cached.get((item.incident_id, item.narrative_type, item.text_hash))
             if item.is_placeholder and cfg.run.skip_placeholders:
                 summary.skipped += 1
-                rows[batch_id].append(result_row(cfg, item, None, attempts=0, from_journal=False, classified_at=None, config_hash=config_hash))
+                rows[batch_id].append(
+                    result_row(
+                        cfg, item, None, attempts=0, from_journal=False, classified_at=None, config_hash=config_hash
+                    )
+                )
                 continue
             if record is not None:
                 raw = RawResponse.from_dict(record["response"])
-                row = result_row(cfg, item, raw, attempts=record.get("attempt", 1), from_journal=True,
-                                 classified_at=record.get("at"), config_hash=config_hash)
+                row = result_row(
+                    cfg,
+                    item,
+                    raw,
+                    attempts=record.get("attempt", 1),
+                    from_journal=True,
+                    classified_at=record.get("at"),
+                    config_hash=config_hash,
+                )
                 if not (retry_errors and row["status"] in ERROR_STATUSES):
                     summary.reused += 1
                     rows[batch_id].append(row)
@@ -389,11 +421,16 @@ async def run_engine(
                 attempt = previous + 1
                 if journal is not None and backend.journaled:
                     try:
-                        journal.append({
-                            "key": [item.incident_id, item.narrative_type], "text_hash": item.text_hash,
-                            "config_hash": config_hash, "attempt": attempt, "at": now,
-                            "response": raw.to_dict(),
-                        })
+                        journal.append(
+                            {
+                                "key": [item.incident_id, item.narrative_type],
+                                "text_hash": item.text_hash,
+                                "config_hash": config_hash,
+                                "attempt": attempt,
+                                "at": now,
+                                "response": raw.to_dict(),
+                            }
+                        )
                     except OSError as exc:
                         # Without the journal a crash could lose paid answers: stop now.
                         raise FatalError(
@@ -404,7 +441,9 @@ async def run_engine(
                 summary.prompt_tokens += raw.prompt_tokens or 0
                 summary.completion_tokens += raw.completion_tokens or 0
                 rows[item.batch_id].append(
-                    result_row(cfg, item, raw, attempts=attempt, from_journal=False, classified_at=now, config_hash=config_hash)
+                    result_row(
+                        cfg, item, raw, attempts=attempt, from_journal=False, classified_at=now, config_hash=config_hash
+                    )
                 )
                 progress.tick(ok=True)
             pending[item.batch_id] -= 1
@@ -467,8 +506,10 @@ def classify_batches(
     # not rewritten): a run over a range of partitions only works where work is missing.
     status = store.partition_status(cfg.name, cfg.config_hash).set_index("batch_id")
     complete = {
-        b for b in requested
-        if b in status.index and status.at[b, "current_rows"] == status.at[b, "narratives"]
+        b
+        for b in requested
+        if b in status.index
+        and status.at[b, "current_rows"] == status.at[b, "narratives"]
         and not (retry_errors and status.at[b, "error_rows"] > 0)
     }
     batch_ids = [b for b in requested if b not in complete]
@@ -488,7 +529,16 @@ def classify_batches(
             store.replace_partitions(cfg.name, frames)
 
         summary = asyncio.run(
-            run_engine(cfg, items, backend, journal, write, retry_errors=retry_errors, log=log, progress_every_s=progress_every_s)
+            run_engine(
+                cfg,
+                items,
+                backend,
+                journal,
+                write,
+                retry_errors=retry_errors,
+                log=log,
+                progress_every_s=progress_every_s,
+            )
         )
         summary.up_to_date_batches = sorted(complete)
     if summary.failed_batches:

@@ -60,10 +60,17 @@ class Runner:
             pid, host = run.tags.get("narr/pid"), run.tags.get("narr/host")
             if not pid or host != socket.gethostname() or _alive(int(pid)):
                 continue
-            self.instance.report_run_failed(run, message=f"the narr process (pid {pid}) ended without finishing the run")
-            print(f"narr: run {run.run_id[:8]} of a narr process that died (pid {pid}) is marked failed; resuming", file=sys.stderr)
+            self.instance.report_run_failed(
+                run, message=f"the narr process (pid {pid}) ended without finishing the run"
+            )
+            print(
+                f"narr: run {run.run_id[:8]} of a narr process that died (pid {pid}) is marked failed; resuming",
+                file=sys.stderr,
+            )
 
-    def materialize(self, keys: Sequence, partition_range: tuple[str, str] | None = None, run_config: dict | None = None) -> bool:
+    def materialize(
+        self, keys: Sequence, partition_range: tuple[str, str] | None = None, run_config: dict | None = None
+    ) -> bool:
         tags = {"narr/launched_by": "narr-cli", "narr/pid": str(os.getpid()), "narr/host": socket.gethostname()}
         if partition_range:
             tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"] = partition_range
@@ -81,7 +88,11 @@ class Runner:
             for event in result.all_events:
                 if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
                     err = event.step_failure_data.error
-                    message = err.cause.message if getattr(err, "cause", None) and "Failure" not in err.message else err.message
+                    message = (
+                        err.cause.message
+                        if getattr(err, "cause", None) and "Failure" not in err.message
+                        else err.message
+                    )
                     print(f"narr: step {event.step_key} failed: {message.strip()}", file=sys.stderr)
         return result.success
 
@@ -131,7 +142,11 @@ def ingest_if_needed(runner: Runner, force: bool = False) -> bool:
     current, stored = file_checksum(path), _store().current_checksum()
     if not force and current == stored:
         return True
-    why = "first ingestion" if stored is None else ("forced" if force else "the source file changed since the last ingestion")
+    why = (
+        "first ingestion"
+        if stored is None
+        else ("forced" if force else "the source file changed since the last ingestion")
+    )
     print(f"narr: ingesting {path} ({why})")
     return runner.materialize([_key("raw_narratives"), _key("narratives"), _key("narrative_batches")])
 
@@ -141,7 +156,9 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
     from narr_assets.pipeline import partition_state
 
     state = partition_state(_store(), cfg)
-    run_config = {"ops": {f"{cfg.name}__classifications": {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}}
+    run_config = {
+        "ops": {f"{cfg.name}__classifications": {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}
+    }
     key = _key(cfg.name, "classifications")
     if partitions:
         # Exactly these partitions: one run per contiguous stretch, so no run touches (or
@@ -157,7 +174,9 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
         return ok
     todo = state.to_run(retry_errors)
     if not todo:
-        print(f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; nothing to do")
+        print(
+            f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; nothing to do"
+        )
         return True
     # One run over the range spanning every batch to do keeps the endpoint busy across
     # batches; complete batches inside the range are skipped by the asset, not re-asked.
@@ -304,7 +323,9 @@ def _print_where() -> None:
             f1 = "n/a (no labels)" if pd.isna(r.f1) else f"{r.f1:.3f} [{r.f1_ci_low:.3f}, {r.f1_ci_high:.3f}]"
             print(f"  {r.rank}. {r.experiment:24s} F1 {f1}  answered {r.answered_share:.1%} of {r.n_rows:,}")
     print("\nresults:")
-    print(f"  database: {settings.db_path()}  (tables narratives, classifications, experiment_metrics, leaderboard, ...)")
+    print(
+        f"  database: {settings.db_path()}  (tables narratives, classifications, experiment_metrics, leaderboard, ...)"
+    )
     report = settings.reports_dir() / "report.html"
     if report.exists():
         print(f"  report:   {report}")
@@ -315,8 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="narr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("materialize", help="ingest, run the default (or named) experiments, metrics, leaderboard and report")
-    p.add_argument("--experiment", "-e", action="append", help="experiment to run (repeatable); default: those with run_by_default")
+    p = sub.add_parser(
+        "materialize", help="ingest, run the default (or named) experiments, metrics, leaderboard and report"
+    )
+    p.add_argument(
+        "--experiment", "-e", action="append", help="experiment to run (repeatable); default: those with run_by_default"
+    )
     p.add_argument("--reingest", action="store_true", help="re-read the source file even if unchanged")
     p.set_defaults(func=cmd_materialize)
 
@@ -325,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="classify the missing and failed batches of one experiment (resume)")
     p.add_argument("experiment")
-    p.add_argument("--retry-errors", action="store_true", help="also re-ask rows whose status is parse_error, refusal or truncated")
+    p.add_argument(
+        "--retry-errors", action="store_true", help="also re-ask rows whose status is parse_error, refusal or truncated"
+    )
     p.add_argument("--partitions", help="comma-separated batch keys to run instead of the missing ones")
     p.add_argument("--no-metrics", action="store_true", help="do not recompute the experiment's metrics afterwards")
     p.set_defaults(func=cmd_run)

@@ -4,7 +4,6 @@ Loaded lazily (`@dg.definitions`), so importing this module reads no environment
 opens no database and parses no YAML; Dagster calls `defs()` when it loads the code location.
 """
 
-
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 

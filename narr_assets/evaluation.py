@@ -351,9 +351,7 @@ def _strict_prediction(label: np.ndarray, det: np.ndarray, answered: np.ndarray,
 # --------------------------------------------------------------------------------------
 
 
-def _scope_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, n_labelled: int, n_boot: int, seed: int
-) -> dict[str, Any]:
+def _scope_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labelled: int, n_boot: int, seed: int) -> dict[str, Any]:
     c = confusion(y_true, y_pred) if len(y_true) else {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
     out: dict[str, Any] = {
@@ -857,9 +855,7 @@ def evaluation_tables(ev: dict[str, Any]) -> dict[str, pd.DataFrame]:
         :func:`summary_row`).
     """
     exp = ev["experiment"]
-    metrics = [
-        {"experiment": exp, "scope": s, "variant": v, **ev["scopes"][s][v]} for s in SCOPES for v in VARIANTS
-    ]
+    metrics = [{"experiment": exp, "scope": s, "variant": v, **ev["scopes"][s][v]} for s in SCOPES for v in VARIANTS]
     cov = ev["coverage"]
     coverage = [
         {
@@ -979,9 +975,9 @@ def paired_comparison(rows_a: pd.DataFrame, rows_b: pd.DataFrame, name_a: str, n
         "n_both_answered": n_both,
         "verdict_agree": n_both - a_pos_b_neg - a_neg_b_pos,
         "verdict_agreement": _ratio(n_both - a_pos_b_neg - a_neg_b_pos, n_both),
-        "verdict_kappa": binary_metrics(
-            int(np.sum(va & vb)), a_neg_b_pos, int(np.sum(~va & ~vb)), a_pos_b_neg
-        )["kappa"],
+        "verdict_kappa": binary_metrics(int(np.sum(va & vb)), a_neg_b_pos, int(np.sum(~va & ~vb)), a_pos_b_neg)[
+            "kappa"
+        ],
         "verdict_a_pos_b_neg": a_pos_b_neg,
         "verdict_a_neg_b_pos": a_neg_b_pos,
         "verdict_mcnemar_p": mcnemar_exact(a_pos_b_neg, a_neg_b_pos),
@@ -1025,8 +1021,19 @@ def _paired_incidents(a: pd.DataFrame, b: pd.DataFrame, common: pd.DataFrame) ->
 
 
 def _paired_columns(prefix: str) -> list[str]:
-    return [f"{prefix}_{k}" for k in ("n", "both_correct", "both_wrong", "a_only_correct", "b_only_correct",
-                                      "accuracy_a", "accuracy_b", "mcnemar_p")]
+    return [
+        f"{prefix}_{k}"
+        for k in (
+            "n",
+            "both_correct",
+            "both_wrong",
+            "a_only_correct",
+            "b_only_correct",
+            "accuracy_a",
+            "accuracy_b",
+            "mcnemar_p",
+        )
+    ]
 
 
 #: Keys of :func:`paired_comparison`, in order: the columns of the `pairwise_comparisons` table.
@@ -1098,7 +1105,10 @@ def disagreements(rows: pd.DataFrame) -> pd.DataFrame:
             "confidence": pd.array(sub["conf"].to_numpy(), dtype="Float64"),
             "indicators": src["indicators"].astype(object).where(src["indicators"].notna(), None).to_numpy(),
             "rationale": src["rationale"].astype(object).where(src["rationale"].notna(), None).to_numpy(),
-            "narrative_text": src["narrative_text"].astype(object).where(src["narrative_text"].notna(), None).to_numpy(),
+            "narrative_text": src["narrative_text"]
+            .astype(object)
+            .where(src["narrative_text"].notna(), None)
+            .to_numpy(),
         },
         columns=list(DISAGREEMENT_COLUMNS),
     )
@@ -1140,4 +1150,3 @@ def to_json(ev: dict[str, Any]) -> str:
         JSON text.
     """
     return json.dumps(ev, sort_keys=True, allow_nan=False)
-

@@ -97,7 +97,7 @@ class ExperimentConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _backend_needs(self) -> "ExperimentConfig":
+    def _backend_needs(self) -> ExperimentConfig:
         if self.backend == "openai":
             if not self.model.base_url:
                 raise ValueError("model.base_url is required for backend 'openai'")
@@ -185,7 +185,9 @@ def _read_text(base: Path, relative: str, where: str) -> str:
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8")
-    raise ExperimentError(f"{where}: file {relative!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+    raise ExperimentError(
+        f"{where}: file {relative!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})"
+    )
 
 
 def _format_validation(path: Path, err: ValidationError) -> str:
@@ -225,7 +227,9 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
             if prompt.get(text_key) and prompt.get(file_key):
                 raise ExperimentError(f"{path}: prompt.{text_key} and prompt.{file_key} are exclusive; give one")
         system = prompt.get("system") or (
-            _read_text(path.parent, prompt["system_file"], f"{path}: prompt.system_file") if prompt.get("system_file") else ""
+            _read_text(path.parent, prompt["system_file"], f"{path}: prompt.system_file")
+            if prompt.get("system_file")
+            else ""
         )
         template = prompt.get("user_template") or (
             _read_text(path.parent, prompt["user_template_file"], f"{path}: prompt.user_template_file")
@@ -257,7 +261,9 @@ def load_experiments(folder: str | Path | None = None) -> list[ExperimentConfig]
     seen: dict[str, str] = {}
     for cfg in configs:
         if cfg.name in seen:
-            raise ExperimentError(f"{cfg.source_file}: experiment name {cfg.name!r} is already used by {seen[cfg.name]}")
+            raise ExperimentError(
+                f"{cfg.source_file}: experiment name {cfg.name!r} is already used by {seen[cfg.name]}"
+            )
         seen[cfg.name] = cfg.source_file
     return configs
 

@@ -66,8 +66,30 @@ PLACEHOLDERS_CME = (
     "See LE narrative.",
 )
 
-SITES = ("AK", "AZ", "CO", "GA", "IL", "KY", "MA", "MD", "MI", "MN", "NC", "NJ", "NM", "OH", "OK",
-         "OR", "RI", "SC", "UT", "VA", "WA", "WI")
+SITES = (
+    "AK",
+    "AZ",
+    "CO",
+    "GA",
+    "IL",
+    "KY",
+    "MA",
+    "MD",
+    "MI",
+    "MN",
+    "NC",
+    "NJ",
+    "NM",
+    "OH",
+    "OK",
+    "OR",
+    "RI",
+    "SC",
+    "UT",
+    "VA",
+    "WA",
+    "WI",
+)
 
 # --------------------------------------------------------------------------- sentence banks
 # Placeholders: {age} {sexw}; the decedent's pronouns {pr} {Pr} {obj} {pos} {Pos} {refl};
@@ -76,8 +98,12 @@ SITES = ("AK", "AZ", "CO", "GA", "IL", "KY", "MA", "MD", "MI", "MN", "NC", "NJ",
 # {illness} {job} {topic}.
 
 _HOME = ("at {pos} residence", "in the bedroom of {pos} apartment", "in the basement of {pos} house")
-_OUTDOORS = ("in a wooded area near {pos} apartment complex", "at a city park",
-             "at a campground outside of town", "in a shed on {pos} property")
+_OUTDOORS = (
+    "in a wooded area near {pos} apartment complex",
+    "at a city park",
+    "at a campground outside of town",
+    "in a shed on {pos} property",
+)
 _VEHICLE = ("in {pos} vehicle parked behind a shopping center",)
 # (cause of death, the places where it plausibly happens)
 METHODS = (
@@ -198,9 +224,7 @@ POSITIVE = {
         "{Pos} {partner} had been arrested for domestic violence against {obj} three weeks before {pos} death.",
         "{Pos} {ex} was in jail on domestic battery charges involving V at the time of the incident.",
     ),
-    "domestic issues": (
-        "{Pr} and {pos} {partner} had a history of domestic issues, and {pr} had recently moved out.",
-    ),
+    "domestic issues": ("{Pr} and {pos} {partner} had a history of domestic issues, and {pr} had recently moved out.",),
 }
 SUBTLE_POSITIVE = (
     "{Pr} told a friend {pr} was afraid of {pos} {partner}, who had put {ppos} hands around {pos} neck during a fight last spring.",
@@ -268,20 +292,54 @@ FILLERS_HOMICIDE = (
     "Investigators interviewed family members at the scene.",
 )
 
-FINDERS = ("a neighbor", "{pos} roommate", "{pos} adult son", "{pos} mother", "a coworker",
-           "{pos} landlord", "{pos} {partner}", "{pos} brother", "a family friend")
+FINDERS = (
+    "a neighbor",
+    "{pos} roommate",
+    "{pos} adult son",
+    "{pos} mother",
+    "a coworker",
+    "{pos} landlord",
+    "{pos} {partner}",
+    "{pos} brother",
+    "a family friend",
+)
 RELATIVES = ("mother", "father", "brother", "sister", "grandmother", "best friend", "son", "daughter")
-SUBSTANCES = ("alcohol", "ethanol and diphenhydramine", "methamphetamine", "fentanyl",
-              "oxycodone", "cannabinoids", "alprazolam", "cocaine metabolites")
+SUBSTANCES = (
+    "alcohol",
+    "ethanol and diphenhydramine",
+    "methamphetamine",
+    "fentanyl",
+    "oxycodone",
+    "cannabinoids",
+    "alprazolam",
+    "cocaine metabolites",
+)
 ILLNESSES = ("multiple sclerosis", "cancer", "chronic back pain", "diabetes", "COPD", "epilepsy")
-JOBS = ("a warehouse", "the county hospital", "a car dealership", "a restaurant", "a factory",
-        "a construction company", "a call center")
-TOPICS = ("money", "the children", "household chores", "his drinking", "moving out of state",
-          "her work schedule")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December")
-TIMES = ("0600 hours", "0830 hours", "1130 hours", "1400 hours", "1715 hours", "2100 hours",
-         "2330 hours", "0200 hours")
+JOBS = (
+    "a warehouse",
+    "the county hospital",
+    "a car dealership",
+    "a restaurant",
+    "a factory",
+    "a construction company",
+    "a call center",
+)
+TOPICS = ("money", "the children", "household chores", "his drinking", "moving out of state", "her work schedule")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+TIMES = ("0600 hours", "0830 hours", "1130 hours", "1400 hours", "1715 hours", "2100 hours", "2330 hours", "0200 hours")
 
 _PRONOUNS = {
     "female": {"pr": "she", "obj": "her", "pos": "her", "refl": "herself"},
@@ -289,11 +347,21 @@ _PRONOUNS = {
 }
 _PARTNERS = {
     # partner nouns by the partner's sex, with the matching "ex-" noun
-    "male": (("husband", "ex-husband"), ("boyfriend", "ex-boyfriend"), ("fiance", "ex-fiance"),
-             ("partner", "ex-partner"), ("estranged husband", "ex-husband"),
-             ("live-in boyfriend", "ex-boyfriend")),
-    "female": (("wife", "ex-wife"), ("girlfriend", "ex-girlfriend"), ("fiancee", "ex-fiancee"),
-               ("partner", "ex-partner"), ("estranged wife", "ex-wife")),
+    "male": (
+        ("husband", "ex-husband"),
+        ("boyfriend", "ex-boyfriend"),
+        ("fiance", "ex-fiance"),
+        ("partner", "ex-partner"),
+        ("estranged husband", "ex-husband"),
+        ("live-in boyfriend", "ex-boyfriend"),
+    ),
+    "female": (
+        ("wife", "ex-wife"),
+        ("girlfriend", "ex-girlfriend"),
+        ("fiancee", "ex-fiancee"),
+        ("partner", "ex-partner"),
+        ("estranged wife", "ex-wife"),
+    ),
 }
 
 
@@ -437,15 +505,17 @@ def _plan(n_rows: int) -> dict[str, int]:
     }
 
 
-def _production_rows(
-    n_rows: int, seed: int, labelled: bool
-) -> tuple[list[str], Iterator[list[Any]], dict[str, Any]]:
+def _production_rows(n_rows: int, seed: int, labelled: bool) -> tuple[list[str], Iterator[list[Any]], dict[str, Any]]:
     """The header, a lazy row iterator and the stats it fills in (mean_chars at the end)."""
     rng = random.Random(seed)
     plan = _plan(n_rows)
     n_inc = plan["incidents"]
-    shapes = (["both"] * plan["both"] + ["cme"] * plan["cme_only"] + ["le"] * plan["le_only"]
-              + ["none"] * plan["no_narrative"])
+    shapes = (
+        ["both"] * plan["both"]
+        + ["cme"] * plan["cme_only"]
+        + ["le"] * plan["le_only"]
+        + ["none"] * plan["no_narrative"]
+    )
     rng.shuffle(shapes)
     ids = rng.sample(range(100000, 100000 + 40 * max(n_inc, 1000)), n_inc)
     with_text = [i for i, shape in enumerate(shapes) if shape != "none"]
@@ -561,8 +631,9 @@ def make_xlsx_reproducible(path: str | Path) -> None:
     tmp.replace(path)
 
 
-def write_table(path: str | Path, columns: Sequence[str], rows: Iterator[Sequence[Any]], *,
-                sheet: str = "narratives") -> None:
+def write_table(
+    path: str | Path, columns: Sequence[str], rows: Iterator[Sequence[Any]], *, sheet: str = "narratives"
+) -> None:
     """Write rows to `.xlsx` (first sheet, openpyxl write-only) or `.csv`, by extension.
 
     Args:
@@ -630,12 +701,14 @@ def generate_production(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write a production-shaped file and print its counts."""
-    parser = argparse.ArgumentParser(
-        prog="python -m narr_assets.generate", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m narr_assets.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output .xlsx or .csv")
-    parser.add_argument("--incidents", type=int, default=PRODUCTION["rows"],
-                        help="number of rows (default: %(default)s, as in production)")
+    parser.add_argument(
+        "--incidents",
+        type=int,
+        default=PRODUCTION["rows"],
+        help="number of rows (default: %(default)s, as in production)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--labelled", action="store_true", help="add the manual label columns")
     args = parser.parse_args(argv)

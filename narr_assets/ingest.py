@@ -254,8 +254,7 @@ def read_source(
     elif suffix in CSV_SUFFIXES:
         if sheet is not None:
             raise IngestError(
-                f"{source}: a sheet ('{sheet}') was given but a CSV file has no sheets; "
-                "remove the sheet setting"
+                f"{source}: a sheet ('{sheet}') was given but a CSV file has no sheets; remove the sheet setting"
             )
         rows, encoding = _read_csv_rows(source)
         sheet_name, reader, where = None, "csv", str(source)
@@ -315,8 +314,7 @@ def _read_workbook(path: Path, sheet: str | None, engine: Engine) -> tuple[str, 
         # Only a short excerpt of the reader's message: some quote the XML they choked on.
         detail = str(exc)[:120]
         raise IngestError(
-            f"{path}: cannot read the workbook, it is corrupt or not a valid .xlsx "
-            f"({type(exc).__name__}: {detail})"
+            f"{path}: cannot read the workbook, it is corrupt or not a valid .xlsx ({type(exc).__name__}: {detail})"
         ) from exc
     return sheet_name, rows, engine
 
@@ -435,9 +433,7 @@ def _read_csv_rows(path: Path) -> tuple[list[Sequence[Any]], str]:
             rows.append(row)
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise IngestError(
-            f"{path}: malformed CSV, line {start}{_row_note(start, len(rows) + 1)}: {exc}"
-        ) from exc
+        raise IngestError(f"{path}: malformed CSV, line {start}{_row_note(start, len(rows) + 1)}: {exc}") from exc
     return rows, encoding
 
 
@@ -555,8 +551,7 @@ def _data_rows(
 def _detect_layout(header: list[str | None], where: str) -> tuple[str, dict[str, int]]:
     """Pick the layout from the header; return it and the index of each canonical column."""
     layout_names = {
-        n.lower()
-        for n in (*_WIDE_REQUIRED, *_WIDE_LABELS, _WIDE_INCIDENT_LABEL, *_LONG_REQUIRED, *_LONG_OPTIONAL)
+        n.lower() for n in (*_WIDE_REQUIRED, *_WIDE_LABELS, _WIDE_INCIDENT_LABEL, *_LONG_REQUIRED, *_LONG_OPTIONAL)
     }
     positions: dict[str, int] = {}
     for index, name in enumerate(header):
@@ -610,9 +605,7 @@ def _detect_layout(header: list[str | None], where: str) -> tuple[str, dict[str,
     return layout, {name: positions[name.lower()] for name in wanted}
 
 
-def _attribute_columns(
-    header: list[str | None], used: set[int], data: list[list[str | None]]
-) -> list[tuple[str, int]]:
+def _attribute_columns(header: list[str | None], used: set[int], data: list[list[str | None]]) -> list[tuple[str, int]]:
     """Name the non-layout columns; unnamed columns are kept only when they hold data."""
     result: list[tuple[str, int]] = []
     taken: set[str] = set()
@@ -692,9 +685,7 @@ def _build_wide(
         ("le", "NarrativeLE", "ipv_manualLE"),
     ):
         if label_col in columns:
-            label, errors = _labels(
-                _column(data, columns[label_col]), header[columns[label_col]] or label_col
-            )
+            label, errors = _labels(_column(data, columns[label_col]), header[columns[label_col]] or label_col)
         else:
             label, errors = pd.Series([None] * n, dtype="Int64"), [None] * n
         parts.append(

@@ -51,7 +51,7 @@ class Journal:
         self.root = Path(self.root)
 
     @classmethod
-    def for_experiment(cls, journal_dir: Path, experiment: str, config_hash: str, **kwargs: Any) -> "Journal":
+    def for_experiment(cls, journal_dir: Path, experiment: str, config_hash: str, **kwargs: Any) -> Journal:
         return cls(Path(journal_dir) / experiment / config_hash, **kwargs)
 
     def _segments(self) -> list[Path]:
@@ -85,7 +85,10 @@ class Journal:
             incident_id, narrative_type = record["key"]
             key = (incident_id, narrative_type, record["text_hash"])
             prev = out.get(key)
-            if prev is None or (record.get("at", 0), record.get("attempt", 0)) >= (prev.get("at", 0), prev.get("attempt", 0)):
+            if prev is None or (record.get("at", 0), record.get("attempt", 0)) >= (
+                prev.get("at", 0),
+                prev.get("attempt", 0),
+            ):
                 out[key] = record
         return out
 
@@ -119,7 +122,7 @@ class Journal:
             os.close(self._fd)
             self._fd, self._dirty, self._syncer = None, False, None
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -37,7 +37,7 @@ class RawResponse:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RawResponse":
+    def from_dict(cls, data: dict[str, Any]) -> RawResponse:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
 
@@ -77,7 +77,9 @@ class RulesBackend:
         start = time.perf_counter()
         verdict = classify(text, self.lexicon)
         return RawResponse(
-            content=verdict.as_answer_json(), finish_reason="stop", model="rules",
+            content=verdict.as_answer_json(),
+            finish_reason="stop",
+            model="rules",
             latency_s=time.perf_counter() - start,
         )
 

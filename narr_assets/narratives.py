@@ -222,9 +222,7 @@ def clean_narratives(
     df["narrative_text"] = text[~empty].astype(object)
 
     # 2. Rejections (reasons joined when several apply).
-    df["incident_id"] = pd.Series(
-        [normalise_incident_id(v) for v in df["incident_id"]], index=df.index, dtype=object
-    )
+    df["incident_id"] = pd.Series([normalise_incident_id(v) for v in df["incident_id"]], index=df.index, dtype=object)
     df["narrative_type"] = _normalise_text(df["narrative_type"])
     ntype_key = df["narrative_type"].str.lower()
     known_type = ntype_key.isin(NARRATIVE_TYPES)
@@ -234,9 +232,7 @@ def clean_narratives(
     reasons["type"] = None
     reasons.loc[df["narrative_type"].isna(), "type"] = "missing narrative_type"
     unknown = df["narrative_type"].notna() & ~known_type
-    reasons.loc[unknown, "type"] = [
-        f"unknown narrative_type {_echo(v)}" for v in df.loc[unknown, "narrative_type"]
-    ]
+    reasons.loc[unknown, "type"] = [f"unknown narrative_type {_echo(v)}" for v in df.loc[unknown, "narrative_type"]]
     reasons["label"] = df["label_error"].where(df["label_error"].notna() & (df["label_error"] != ""), None)
     reason = _join_reasons(reasons)
     bad = reason.notna()
@@ -264,11 +260,7 @@ def clean_narratives(
     narratives = kept_rows.copy()
     narratives["is_placeholder"] = placeholder_mask(narratives["narrative_text"], placeholder_patterns)
     narratives = narratives.loc[:, list(NARRATIVE_COLUMNS)].reset_index(drop=True)
-    rejected = (
-        rejected.loc[:, list(REJECTED_COLUMNS)]
-        .sort_values("source_row", kind="stable")
-        .reset_index(drop=True)
-    )
+    rejected = rejected.loc[:, list(REJECTED_COLUMNS)].sort_values("source_row", kind="stable").reset_index(drop=True)
 
     stats = {
         "rows_read": int(rows_read),
@@ -291,9 +283,7 @@ def _with_defaults(frame: pd.DataFrame) -> pd.DataFrame:
     """Copy the frame, adding optional columns as nulls so a bare frame can be cleaned."""
     df = frame.copy()
     for column in ("manual_flag_ind", "manual_flag"):
-        df[column] = (
-            df[column].astype("Int64") if column in df else pd.Series(pd.NA, index=df.index, dtype="Int64")
-        )
+        df[column] = df[column].astype("Int64") if column in df else pd.Series(pd.NA, index=df.index, dtype="Int64")
     for column in ("label_error", "source_path", "data_checksum"):
         if column not in df:
             df[column] = None
@@ -316,8 +306,7 @@ def _normalise_text(series: pd.Series) -> pd.Series:
 def _join_reasons(reasons: pd.DataFrame) -> pd.Series:
     """Join the non-null reasons of each row with "; " (None when there is none)."""
     joined = [
-        "; ".join(p for p in parts if isinstance(p, str) and p) or None
-        for parts in reasons.itertuples(index=False)
+        "; ".join(p for p in parts if isinstance(p, str) and p) or None for parts in reasons.itertuples(index=False)
     ]
     return pd.Series(joined, index=reasons.index, dtype=object)
 
@@ -357,9 +346,7 @@ def _conflict_report(rows: pd.DataFrame, conflict_keys: pd.DataFrame) -> pd.Data
     what = pd.Series("text and labels", index=involved.index)
     what[same_text] = "labels"
     what[same_labels] = "text"
-    reason[~first & same_text & same_labels] = (
-        "exact duplicate of kept row " + ref[~first & same_text & same_labels]
-    )
+    reason[~first & same_text & same_labels] = "exact duplicate of kept row " + ref[~first & same_text & same_labels]
     reason[diff] = "differs from kept row " + ref[diff] + " in " + what[diff]
     involved["kept"] = first.to_numpy()
     involved["reason"] = reason

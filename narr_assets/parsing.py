@@ -85,7 +85,7 @@ _SINGLE_QUOTES = "'\u2018\u2019"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
 # A closing quote is accepted only when one of these follows it (after spaces/tabs), so an
 # apostrophe or an unescaped quote inside a value does not end the string early.
-_AFTER_STRING = frozenset(',:}]\n\r/#')
+_AFTER_STRING = frozenset(",:}]\n\r/#")
 
 _TRUE_WORDS = frozenset({"true", "yes", "y", "1", "1.0"})
 _FALSE_WORDS = frozenset({"false", "no", "n", "0", "0.0"})
@@ -102,9 +102,7 @@ _CONFIDENCE_WORDS = {
 }
 _DIGIT_WORDS = {
     word: str(digit)
-    for digit, word in enumerate(
-        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    )
+    for digit, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
 }
 
 # Lower-case, straight-apostrophe phrases that mark a refusal when no verdict was found.
@@ -563,9 +561,7 @@ def _build(obj: dict, source: str) -> ParsedAnswer:
     fields = _lower_keys(obj)
     detected = _normalise_detected(fields.get("detected"))
     if detected is None:
-        return _failure(
-            "parse_error", f"invalid 'detected' value: {_snippet(fields.get('detected'))}", source
-        )
+        return _failure("parse_error", f"invalid 'detected' value: {_snippet(fields.get('detected'))}", source)
     return ParsedAnswer(
         status="ok",
         detected=detected,
@@ -639,9 +635,7 @@ def _normalise_indicators(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, (list, tuple)) else [value]
-    texts = (
-        item.strip() if isinstance(item, str) else str(item) for item in items if item is not None
-    )
+    texts = (item.strip() if isinstance(item, str) else str(item) for item in items if item is not None)
     return tuple(text for text in texts if text)
 
 

@@ -21,7 +21,9 @@ def ingest_raw(store: Store, path: Path, sheet: str | None = None) -> RawLoad:
     return load
 
 
-def build_narratives(store: Store, placeholder_patterns=DEFAULT_PLACEHOLDER_PATTERNS, batch_size: int = 100) -> tuple[CleanResult, list[str]]:
+def build_narratives(
+    store: Store, placeholder_patterns=DEFAULT_PLACEHOLDER_PATTERNS, batch_size: int = 100
+) -> tuple[CleanResult, list[str]]:
     """Clean `raw_narratives` into `narratives`, assign batches, return new batch keys.
 
     The cleaned tables and the new ledger rows are written in one transaction, so a batch
@@ -38,7 +40,11 @@ def build_narratives(store: Store, placeholder_patterns=DEFAULT_PLACEHOLDER_PATT
     checksum = str(raw["data_checksum"].iloc[0]) if not raw.empty else None
     for frame in (result.rejected, result.conflicts):
         frame["data_checksum"] = checksum
-    ingest = {"data_checksum": checksum, "source_path": str(raw["source_path"].iloc[0]) if not raw.empty else None, **result.stats}
+    ingest = {
+        "data_checksum": checksum,
+        "source_path": str(raw["source_path"].iloc[0]) if not raw.empty else None,
+        **result.stats,
+    }
     store.replace_narratives(narratives, result.rejected, result.conflicts, new_rows, ingest)
     return result, sorted(set(new_rows["batch_id"]))
 

@@ -57,7 +57,11 @@ def one_row_per_narrative(store: Store, experiment: str) -> Result:
         [experiment] * 4,
     )
     missing, orphaned, stale = (int(df.iloc[0, i]) for i in range(3))
-    return missing == 0 and orphaned == 0 and stale == 0, {"missing_rows": missing, "orphaned_rows": orphaned, "stale_rows": stale}
+    return missing == 0 and orphaned == 0 and stale == 0, {
+        "missing_rows": missing,
+        "orphaned_rows": orphaned,
+        "stale_rows": stale,
+    }
 
 
 def error_rate_below(store: Store, experiment: str, threshold: float) -> Result:
@@ -71,7 +75,12 @@ def error_rate_below(store: Store, experiment: str, threshold: float) -> Result:
     )
     errors, asked = int(df.iloc[0, 0]), int(df.iloc[0, 1])
     rate = errors / asked if asked else 0.0
-    return rate <= threshold, {"error_rows": errors, "asked_rows": asked, "error_rate": round(rate, 4), "threshold": threshold}
+    return rate <= threshold, {
+        "error_rows": errors,
+        "asked_rows": asked,
+        "error_rate": round(rate, 4),
+        "threshold": threshold,
+    }
 
 
 def confidences_in_range(store: Store, experiment: str) -> Result:

@@ -325,7 +325,7 @@ def _cell(row: pd.Series, col: str, kind: str) -> str:
 
 
 def _leaderboard_section(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
-    parts = ["<h2 id=\"leaderboard\">Leaderboard</h2>"]
+    parts = ['<h2 id="leaderboard">Leaderboard</h2>']
     if lb.empty:
         return parts[0] + '<p class="note">No experiments.</p>'
     view = [(h, c, k) for h, c, k in _LEADERBOARD_VIEW if c in lb.columns]
@@ -379,7 +379,7 @@ def _confusion_tables(ev: dict[str, Any]) -> str:
                 [["label +", _esc(m["tp"]), _esc(m["fn"])], ["label &minus;", _esc(m["fp"]), _esc(m["tn"])]],
                 cls="cm",
             )
-            cells.append(f"<div><strong>{_esc(s)}</strong> <span class=\"note\">({_esc(v)})</span>{body}</div>")
+            cells.append(f'<div><strong>{_esc(s)}</strong> <span class="note">({_esc(v)})</span>{body}</div>')
     return f'<div class="grid">{"".join(cells)}</div>'
 
 
@@ -389,7 +389,9 @@ def _coverage_block(ev: dict[str, Any]) -> str:
         [_esc(st), _esc(cov["by_status"][st]), *(_esc(cov["by_type"][t]["by_status"][st]) for t in NARRATIVE_TYPES)]
         for st in STATUSES
     ]
-    rows.append(["<strong>total</strong>", _esc(cov["n_rows"]), *(_esc(cov["by_type"][t]["n_rows"]) for t in NARRATIVE_TYPES)])
+    rows.append(
+        ["<strong>total</strong>", _esc(cov["n_rows"]), *(_esc(cov["by_type"][t]["n_rows"]) for t in NARRATIVE_TYPES)]
+    )
     lab = ev["labels"]
     summary = (
         f"<p>{cov['n_rows']:,} narratives from {cov['n_incidents']:,} incidents; answered "
@@ -421,7 +423,15 @@ def _prevalence_block(ev: dict[str, Any]) -> str:
 def _cost_block(ev: dict[str, Any]) -> str:
     lat = ev["latency"]
     rows = [
-        [_esc(k), _esc(v["n"]), _num(v["total"]), _num(v["mean"], 1), _num(v["median"], 1), _num(v["p95"], 1), _num(v["max"])]
+        [
+            _esc(k),
+            _esc(v["n"]),
+            _num(v["total"]),
+            _num(v["mean"], 1),
+            _num(v["median"], 1),
+            _num(v["p95"], 1),
+            _num(v["max"]),
+        ]
         for k, v in ev["tokens"].items()
     ]
     lat_line = (

@@ -54,13 +54,23 @@ _SEXES = ("female", "male", "unknown")
 _RATIONALE_MAX = 200
 
 _TOP_KEYS = {
-    "version": False, "partner_terms": True, "non_partner_terms": True, "abuse": True,
-    "indirect_indicators": True, "neutral_terms": False, "negation": True,
-    "perpetrator_cues": True, "homicide_victim_cues": False, "scoring": False,
+    "version": False,
+    "partner_terms": True,
+    "non_partner_terms": True,
+    "abuse": True,
+    "indirect_indicators": True,
+    "neutral_terms": False,
+    "negation": True,
+    "perpetrator_cues": True,
+    "homicide_victim_cues": False,
+    "scoring": False,
 }
 _SCORING_DEFAULTS = {
-    "carryover_factor": 0.7, "standalone_factor": 0.85, "negative_confidence": 0.9,
-    "suppressed_penalty": 0.08, "min_negative_confidence": 0.6,
+    "carryover_factor": 0.7,
+    "standalone_factor": 0.85,
+    "negative_confidence": 0.9,
+    "suppressed_penalty": 0.08,
+    "min_negative_confidence": 0.6,
 }
 
 # Placeholders for the decedent; the pronoun variants are added per narrative sex.
@@ -83,8 +93,7 @@ _V_PLACEHOLDERS = ("{V}", "{VOBJ}", "{VPOSS}")
 _WORD = re.compile(r"[\w']+")
 _SENTENCE_END = re.compile(r"[.!?;]+[\"'’”)\]]*\s+|\n\s*")
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr vs approx a.m p.m e.g i.e lt sgt det ofc dep co inc ft hwy ave rd "
-    "apt u.s y.o yo yrs appx est no".split()
+    ["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "approx", "a.m", "p.m", "e.g", "i.e", "lt", "sgt", "det", "ofc", "dep", "co", "inc", "ft", "hwy", "ave", "rd", "apt", "u.s", "y.o", "yo", "yrs", "appx", "est", "no"]
 )
 _SEX_WORDS = re.compile(r"\b(?:(female|woman|girl|lady)|(male|man|boy|gentleman))\b", re.IGNORECASE)
 _FEMALE_PRONOUNS = re.compile(r"\b(?:she|her|herself)\b", re.IGNORECASE)
@@ -347,8 +356,8 @@ class _Loader:
                 raise self.fail(f"{key}[{i}]", "named groups are not allowed in patterns")
             if not allow_v and any(p in item for p in _V_PLACEHOLDERS):
                 raise self.fail(
-                    f"{key}[{i}]", "{V}, {VOBJ} and {VPOSS} are only allowed in "
-                    "perpetrator_cues and homicide_victim_cues",
+                    f"{key}[{i}]",
+                    "{V}, {VOBJ} and {VPOSS} are only allowed in perpetrator_cues and homicide_victim_cues",
                 )
         return [item.strip() for item in value]
 
@@ -362,9 +371,7 @@ class _Loader:
             raise self.fail(key, f"expected an integer in [{low}, {high}], got {value!r}")
         return value
 
-    def compile(
-        self, body: str, key: str, *, word_start: bool = True, optimise: bool = True
-    ) -> re.Pattern[str]:
+    def compile(self, body: str, key: str, *, word_start: bool = True, optimise: bool = True) -> re.Pattern[str]:
         """Compile an alternation body for lower-cased text, optionally at a word start."""
         body = _lower_regex(body)
         try:
@@ -375,9 +382,7 @@ class _Loader:
         except re.error as exc:
             raise self.fail(key, f"invalid pattern ({exc})") from None
 
-    def fragments(
-        self, phrases: list[str], key: str, subst: Mapping[str, str]
-    ) -> list[tuple[str, str]]:
+    def fragments(self, phrases: list[str], key: str, subst: Mapping[str, str]) -> list[tuple[str, str]]:
         """Expand placeholders and convert phrases; a bad pattern is reported by its index."""
         out = []
         for phrase in phrases:
@@ -411,24 +416,19 @@ class _Loader:
             self.terms(raw["non_partner_terms"], "non_partner_terms"), "non_partner_terms", subst
         )
         # Partner alternatives first: "father of her children" must beat "father".
-        relations = self.compile(
-            f"{_alternation(partner_frag)}|{_alternation(non_partner_frag)}", "non_partner_terms"
-        )
+        relations = self.compile(f"{_alternation(partner_frag)}|{_alternation(non_partner_frag)}", "non_partner_terms")
 
         groups: list[tuple[_Spec, list[tuple[str, str]]]] = []
         neutral = self.terms(raw.get("neutral_terms"), "neutral_terms", required=False)
         if neutral:
-            groups.append(
-                (_Spec("neutral", "", 0.0, False), self.fragments(neutral, "neutral_terms", subst))
-            )
+            groups.append((_Spec("neutral", "", 0.0, False), self.fragments(neutral, "neutral_terms", subst)))
         groups.extend(self.indicator_groups(raw["indirect_indicators"], subst))
         groups.extend(self.abuse_groups(raw["abuse"], subst))
         # One flat alternation finds the hits fast (named groups would defeat the engine's
         # first-character fast path); the per-spec patterns then tell which spec a hit is.
         evidence = self.compile("|".join(_alternation(frags) for _, frags in groups), "abuse")
         evidence_groups = tuple(
-            (spec, self.compile(_alternation(frags), "abuse", word_start=False))
-            for spec, frags in groups
+            (spec, self.compile(_alternation(frags), "abuse", word_start=False)) for spec, frags in groups
         )
 
         negation = self.mapping(raw["negation"], "negation")
@@ -443,9 +443,7 @@ class _Loader:
 
         perpetrator, homicide = {}, {}
         perp_terms = self.terms(raw["perpetrator_cues"], "perpetrator_cues", allow_v=True)
-        hom_terms = self.terms(
-            raw.get("homicide_victim_cues"), "homicide_victim_cues", allow_v=True, required=False
-        )
+        hom_terms = self.terms(raw.get("homicide_victim_cues"), "homicide_victim_cues", allow_v=True, required=False)
         for sex in _SEXES:
             pron = _PRONOUNS[sex]
             v_subst = {
@@ -499,9 +497,7 @@ class _Loader:
             needs = item.get("needs_partner", True)
             if not isinstance(needs, bool):
                 raise self.fail(f"{key}.needs_partner", "expected true or false")
-            spec = _Spec(
-                "indicator", label.strip(), self.number(item.get("weight"), f"{key}.weight", 0, 1), needs
-            )
+            spec = _Spec("indicator", label.strip(), self.number(item.get("weight"), f"{key}.weight", 0, 1), needs)
             terms = self.terms(item.get("terms"), f"{key}.terms")
             out.append((spec, self.fragments(terms, f"{key}.terms", subst)))
         return out
@@ -536,9 +532,7 @@ class _Loader:
                     )
                 )
             terms = self.terms(group.get("terms"), f"{key}.terms")
-            dependent.append(
-                (_Spec("abuse", label, weight, True), self.fragments(terms, f"{key}.terms", subst))
-            )
+            dependent.append((_Spec("abuse", label, weight, True), self.fragments(terms, f"{key}.terms", subst)))
         return standalone + dependent
 
     def scoring(self, value: Any) -> _Scoring:
@@ -629,9 +623,7 @@ def _gap_ok(gap: str, lexicon: Lexicon, window: int, gap_words: frozenset[str] |
 _NEGATIVE_RATIONALE = "No IPV indicators found."
 
 
-def _verdict(
-    evidence: dict[str, float], suppressed: dict[str, None], scoring: _Scoring
-) -> RulesVerdict:
+def _verdict(evidence: dict[str, float], suppressed: dict[str, None], scoring: _Scoring) -> RulesVerdict:
     if evidence:
         ordered = sorted(evidence, key=lambda label: -evidence[label])
         remaining = 1.0
@@ -758,9 +750,7 @@ def classify(text: str, lexicon: Lexicon) -> RulesVerdict:
         i = bisect.bisect_right(pre, end) - 1
         if i >= 0:
             # a cue inside a long indicator ("police had no record of domestic calls") counts
-            negated = pre[i] > start or _gap_ok(
-                low[pre[i] : start], lexicon, lexicon.window, lexicon.gap_words
-            )
+            negated = pre[i] > start or _gap_ok(low[pre[i] : start], lexicon, lexicon.window, lexicon.gap_words)
         if not negated and last_negated[0] == sent:
             # coordinated terms share the cue: "no physical or sexual abuse"
             negated = _gap_ok(low[last_negated[1] : start], lexicon, lexicon.window, lexicon.gap_words)

@@ -1,6 +1,5 @@
 """Sensors: re-ingest when the source file's content changes."""
 
-
 import dagster as dg
 
 from narr_assets import settings
@@ -18,8 +17,11 @@ def source_change_request(current: str | None, cursor: str | None) -> dg.RunRequ
         return dg.SkipReason("source file unchanged")
     # The checksum is the run key: Dagster never launches two runs with one key, so a file
     # seen again (or a tick repeated) cannot re-trigger ingestion.
-    return dg.RunRequest(run_key=current, asset_selection=[raw_narratives.key, narratives.key, narrative_batches.key],
-                         tags={"narr/source_checksum": current})
+    return dg.RunRequest(
+        run_key=current,
+        asset_selection=[raw_narratives.key, narratives.key, narrative_batches.key],
+        tags={"narr/source_checksum": current},
+    )
 
 
 @dg.sensor(

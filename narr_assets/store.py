@@ -78,11 +78,33 @@ LEFT JOIN narratives n USING (incident_id, narrative_type);
 """
 
 CLASSIFICATION_COLUMNS = (
-    "experiment", "batch_id", "incident_id", "narrative_type", "text_hash", "config_hash", "status",
-    "detected", "confidence", "indicators", "rationale", "error", "answer_source", "raw_content",
-    "raw_reasoning", "finish_reason", "model", "prompt_tokens", "completion_tokens",
-    "reasoning_tokens", "latency_s", "attempts", "from_journal", "parser_version",
-    "data_checksum", "classified_at", "written_at",
+    "experiment",
+    "batch_id",
+    "incident_id",
+    "narrative_type",
+    "text_hash",
+    "config_hash",
+    "status",
+    "detected",
+    "confidence",
+    "indicators",
+    "rationale",
+    "error",
+    "answer_source",
+    "raw_content",
+    "raw_reasoning",
+    "finish_reason",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "latency_s",
+    "attempts",
+    "from_journal",
+    "parser_version",
+    "data_checksum",
+    "classified_at",
+    "written_at",
 )
 
 
@@ -157,11 +179,16 @@ class Store:
     ) -> None:
         """Replace the cleaned tables and extend the batch ledger, all in one transaction."""
         with self.transaction() as con:
-            for table, frame in (("narratives", narratives), ("rejected_rows", rejected), ("narrative_conflicts", conflicts)):
+            for table, frame in (
+                ("narratives", narratives),
+                ("rejected_rows", rejected),
+                ("narrative_conflicts", conflicts),
+            ):
                 _exec(con, f"DELETE FROM {table}")
                 _insert(con, table, frame)
             _insert(con, "batch_ledger", new_ledger_rows)
-            _exec(con, 
+            _exec(
+                con,
                 "INSERT INTO ingest_log VALUES (?, ?, current_timestamp, ?)",
                 [ingest.get("data_checksum"), ingest.get("source_path"), json.dumps(ingest, default=str)],
             )
@@ -197,11 +224,18 @@ class Store:
     def replace_partitions(self, experiment: str, frames: dict[str, pd.DataFrame]) -> None:
         """Replace one experiment's rows of several batches in one transaction."""
         with self.transaction() as con:
-            _exec(con, "DELETE FROM classification_rows WHERE experiment = ? AND batch_id IN (SELECT unnest(?))",
-                  [experiment, list(frames)])
+            _exec(
+                con,
+                "DELETE FROM classification_rows WHERE experiment = ? AND batch_id IN (SELECT unnest(?))",
+                [experiment, list(frames)],
+            )
             non_empty = [f for f in frames.values() if not f.empty]
             if non_empty:
-                _insert(con, "classification_rows", pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0])
+                _insert(
+                    con,
+                    "classification_rows",
+                    pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0],
+                )
 
     def read_classifications(self, experiment: str, batch_ids: Sequence[str] | None = None) -> pd.DataFrame:
         sql = "SELECT * FROM classification_rows WHERE experiment = ?"
@@ -238,14 +272,26 @@ class Store:
     def log_run(self, summary: Any) -> None:
         """Record one engine run; `narr status` derives its rate from active time only."""
         with self.connect() as con:
-            _exec(con, 
+            _exec(
+                con,
                 "INSERT INTO run_log VALUES (?, ?, current_timestamp, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [summary.experiment, summary.config_hash, len(summary.batches), summary.narratives,
-                 summary.calls_ok, summary.attempts, summary.reused, summary.skipped,
-                 len(summary.failed_batches), summary.active_seconds],
+                [
+                    summary.experiment,
+                    summary.config_hash,
+                    len(summary.batches),
+                    summary.narratives,
+                    summary.calls_ok,
+                    summary.attempts,
+                    summary.reused,
+                    summary.skipped,
+                    len(summary.failed_batches),
+                    summary.active_seconds,
+                ],
             )
 
-    def replace_evaluation(self, experiment: str, config_hash: str, tables: dict[str, pd.DataFrame], evaluation: dict[str, Any]) -> None:
+    def replace_evaluation(
+        self, experiment: str, config_hash: str, tables: dict[str, pd.DataFrame], evaluation: dict[str, Any]
+    ) -> None:
         """Replace one experiment's evaluation: the JSON document and its flat tables.
 
         `tables` maps a table name (e.g. `experiment_metrics`) to rows carrying an
@@ -254,7 +300,9 @@ class Store:
         """
         with self.transaction() as con:
             for table, frame in tables.items():
-                exists = _exec(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][0]
+                exists = _exec(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table])[0][
+                    0
+                ]
                 if not exists:
                     con.register("_frame", frame)
                     _exec(con, f'CREATE TABLE "{table}" AS SELECT * FROM _frame LIMIT 0')
@@ -262,7 +310,8 @@ class Store:
                 _exec(con, f'DELETE FROM "{table}" WHERE experiment = ?', [experiment])
                 _insert(con, f'"{table}"', frame)
             _exec(con, "DELETE FROM experiment_evaluations WHERE experiment = ?", [experiment])
-            _exec(con, 
+            _exec(
+                con,
                 "INSERT INTO experiment_evaluations VALUES (?, ?, ?, current_timestamp)",
                 [experiment, config_hash, json.dumps(evaluation, default=str)],
             )

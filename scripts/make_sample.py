@@ -103,9 +103,9 @@ _POSITIVE_PLAN = (
     + [("cme", True, False)] * 2
     + [("le", False, True)] * 2
 )
-_NEGATIVE_PLAN = [("both", False, False)] * 30 + [("cme", False, False)] * 7 + [
-    ("le", False, False)
-] * 5 + [("none", False, False)]
+_NEGATIVE_PLAN = (
+    [("both", False, False)] * 30 + [("cme", False, False)] * 7 + [("le", False, False)] * 5 + [("none", False, False)]
+)
 
 _LABEL_STYLES: tuple[tuple[Any, Any], ...] = (
     (1, 0),
@@ -165,20 +165,27 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
     # choose the dirty cells first (each in its own negative incident with both narratives)
     clean_both = [i for i, (shape, cme, le) in enumerate(plan) if shape == "both" and not (cme or le)]
     empty, blank, ph_le, ph_cme, conflict, floaty = rng.sample(clean_both, 6)
-    override = {(empty, "cme"): None, (blank, "le"): WHITESPACE,
-                (ph_le, "le"): PLACEHOLDER_LE, (ph_cme, "cme"): PLACEHOLDER_CME}
+    override = {
+        (empty, "cme"): None,
+        (blank, "le"): WHITESPACE,
+        (ph_le, "le"): PLACEHOLDER_LE,
+        (ph_cme, "cme"): PLACEHOLDER_CME,
+    }
     ids[floaty] = float(FLOAT_ID)
 
     # then which negative narratives carry a hard negative
     homicide, others = _negative_templates(rng)
-    single = [(i, shape) for i, (shape, cme, le) in enumerate(plan)
-              if shape in ("cme", "le") and not (cme or le)]
+    single = [(i, shape) for i, (shape, cme, le) in enumerate(plan) if shape in ("cme", "le") and not (cme or le)]
     special: dict[tuple[int, str], str] = {}
     for template, (i, shape) in zip(homicide, rng.sample(single, len(homicide))):
         special[(i, shape)] = template
-    slots = [(i, kind) for i, (shape, cme, le) in enumerate(plan) if not (cme or le)
-             for kind in ("cme", "le")
-             if shape in ("both", kind) and (i, kind) not in override and (i, kind) not in special]
+    slots = [
+        (i, kind)
+        for i, (shape, cme, le) in enumerate(plan)
+        if not (cme or le)
+        for kind in ("cme", "le")
+        if shape in ("both", kind) and (i, kind) not in override and (i, kind) not in special
+    ]
     for template, slot in zip(others, rng.sample(slots, len(others))):
         special[slot] = template
 
@@ -202,8 +209,18 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
                 cells[kind] = (text, yes if positive else no)
         known = [label for _, label in cells.values() if label is not None]
         incident = (yes if (cme_pos or le_pos) else no) if known else None
-        rows.append([ids[i], rng.randint(2015, 2022), rng.choice(SITES),
-                     cells["cme"][0], cells["le"][0], cells["cme"][1], cells["le"][1], incident])
+        rows.append(
+            [
+                ids[i],
+                rng.randint(2015, 2022),
+                rng.choice(SITES),
+                cells["cme"][0],
+                cells["le"][0],
+                cells["cme"][1],
+                cells["le"][1],
+                incident,
+            ]
+        )
 
     # the extra rows, spread through the sheet
     positive_both = [i for i, (shape, cme, _) in enumerate(plan) if shape == "both" and cme]
@@ -211,9 +228,16 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
     conflict_row = list(rows[conflict])
     conflict_row[4] = f"{conflict_row[4]} {CONFLICT_SENTENCE}"
     orphan = Incident(rng, female_rate=0.3)
-    orphan_row = [None, rng.randint(2015, 2022), rng.choice(SITES),
-                  orphan.narrative("cme", sentences=(3, 6)), orphan.narrative("le", sentences=(3, 6)),
-                  0, 0, 0]
+    orphan_row = [
+        None,
+        rng.randint(2015, 2022),
+        rng.choice(SITES),
+        orphan.narrative("cme", sentences=(3, 6)),
+        orphan.narrative("le", sentences=(3, 6)),
+        0,
+        0,
+        0,
+    ]
     for extra_row in (dup_row, conflict_row, orphan_row):
         rows.insert(rng.randint(len(rows) // 3, len(rows)), extra_row)
     return rows
@@ -271,8 +295,10 @@ def count(rows: list[list[Any]]) -> dict[str, int]:
             out["positives"] += positive
             out[f"positives_{kind}"] += positive
         out["positive_incidents"] += r[7] in (1, True, "TRUE", "yes", "Yes")
-        shape = ("both" if present["le"] else "cme_only") if present["cme"] else (
-            "le_only" if present["le"] else "no_narrative"
+        shape = (
+            ("both" if present["le"] else "cme_only")
+            if present["cme"]
+            else ("le_only" if present["le"] else "no_narrative")
         )
         out[shape] += 1
     return out

@@ -147,11 +147,22 @@ class Chromium:
 
         # pass_fds=(3, 4) requires fds 3 and 4 to exist here in the parent: they do, since the
         # four pipe ends above took the lowest free numbers.
-        args = [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}",
-                f"--window-size={self.width},{self.height}", "about:blank"]
+        args = [
+            self.binary,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={self._profile.name}",
+            f"--window-size={self.width},{self.height}",
+            "about:blank",
+        ]
         try:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr, pass_fds=(3, 4), preexec_fn=wire_pipe_fds)
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                pass_fds=(3, 4),
+                preexec_fn=wire_pipe_fds,
+            )
         except BaseException:
             os.close(cmd_write)
             os.close(out_read)
@@ -162,7 +173,9 @@ class Chromium:
         self._to_browser = cmd_write
         threading.Thread(target=self._read_loop, args=(out_read,), daemon=True).start()
         target = self.call("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
-        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)["sessionId"]
+        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
         self.set_viewport(self.width, self.height)
@@ -194,8 +207,14 @@ class Chromium:
             raise BrowserError(f"Chromium exited while waiting for {waiting_for}:\n{self._stderr_tail()}")
         return message
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, browser: bool = False,
-             timeout_s: float | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        browser: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """Send one protocol command and wait for its reply, recording events meanwhile.
 
         Args:
@@ -279,11 +298,17 @@ class Chromium:
         deadline = time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            events = self.events[self._page_start:]
-            started = {e["params"]["requestId"] for e in events
-                       if e["method"] == "Network.requestWillBeSent" and e["params"].get("type") in ("Fetch", "XHR")}
-            ended = {e["params"]["requestId"] for e in events
-                     if e["method"] in ("Network.loadingFinished", "Network.loadingFailed")}
+            events = self.events[self._page_start :]
+            started = {
+                e["params"]["requestId"]
+                for e in events
+                if e["method"] == "Network.requestWillBeSent" and e["params"].get("type") in ("Fetch", "XHR")
+            }
+            ended = {
+                e["params"]["requestId"]
+                for e in events
+                if e["method"] in ("Network.loadingFinished", "Network.loadingFailed")
+            }
             if started - ended:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= idle_s:
@@ -294,13 +319,23 @@ class Chromium:
     def press(self, key: str, *, alt: bool = False) -> None:
         """Press and release a letter key (``"e"``), optionally with Alt, in the page."""
         for kind in ("rawKeyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", {"type": kind, "modifiers": 1 if alt else 0, "key": key,
-                                                 "code": f"Key{key.upper()}", "windowsVirtualKeyCode": ord(key.upper())})
+            self.call(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": kind,
+                    "modifiers": 1 if alt else 0,
+                    "key": key,
+                    "code": f"Key{key.upper()}",
+                    "windowsVirtualKeyCode": ord(key.upper()),
+                },
+            )
 
     def set_viewport(self, width: int, height: int) -> None:
         """Resize the page's viewport (CSS pixels, device scale 1)."""
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def navigate(self, url: str, *, timeout_s: float = 30.0) -> None:
         """Load ``url`` and wait for its load event.
@@ -375,8 +410,11 @@ class Chromium:
             log entry (which include failed resource loads) and failed request.
         """
         found: list[str] = []
-        urls = {e["params"]["requestId"]: e["params"]["request"]["url"]
-                for e in self.events if e["method"] == "Network.requestWillBeSent"}
+        urls = {
+            e["params"]["requestId"]: e["params"]["request"]["url"]
+            for e in self.events
+            if e["method"] == "Network.requestWillBeSent"
+        }
         for event in self.events:
             method, params = event["method"], event.get("params", {})
             if method == "Runtime.exceptionThrown":
@@ -388,7 +426,9 @@ class Chromium:
                 found.append(f"console.{params['type']}: {args[:300]}")
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 entry = params["entry"]
-                found.append(f"{entry.get('source', 'log')} error: {entry.get('text', '')[:300]} {entry.get('url', '')}".rstrip())
+                found.append(
+                    f"{entry.get('source', 'log')} error: {entry.get('text', '')[:300]} {entry.get('url', '')}".rstrip()
+                )
             elif method == "Network.loadingFailed" and not params.get("canceled"):
                 url = urls.get(params.get("requestId"), "unknown URL")
                 found.append(f"failed load: {params.get('errorText')} {url[:200]}")
@@ -451,6 +491,7 @@ def image_stats(png: Path) -> ImageStats:
         Its :class:`ImageStats`.
     """
     import numpy as np
+
     # Pillow comes with matplotlib, which the report needs anyway; imported here so that
     # `--help` and find_chromium() stay cheap.
     from PIL import Image
@@ -478,12 +519,15 @@ def to_palette(png: Path) -> None:
 
 
 # Plots count only when laid out with a size: an <svg> of 0x0 renders nothing.
-_SVG_SIZES = ("Array.from(document.querySelectorAll('svg'))"
-              ".map(s => { const r = s.getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; })")
+_SVG_SIZES = (
+    "Array.from(document.querySelectorAll('svg'))"
+    ".map(s => { const r = s.getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; })"
+)
 
 
-def check_report(report: Path, out: Path, *, binary: str, width: int = 1280, max_height: int = 6000,
-                 min_svgs: int = 1) -> tuple[list[str], dict[str, Any]]:
+def check_report(
+    report: Path, out: Path, *, binary: str, width: int = 1280, max_height: int = 6000, min_svgs: int = 1
+) -> tuple[list[str], dict[str, Any]]:
     """Render the report, save its screenshot and list what is wrong with it.
 
     Args:
@@ -513,12 +557,16 @@ def check_report(report: Path, out: Path, *, binary: str, width: int = 1280, max
         problems += browser.problems(allowed_urls=[url])
     rendered = [s for s in sizes if s[0] > 0 and s[1] > 0]
     if len(rendered) < min_svgs:
-        problems.append(f"expected at least {min_svgs} rendered <svg> plot(s), found {len(rendered)} "
-                        f"(of {len(sizes)} <svg> elements)")
+        problems.append(
+            f"expected at least {min_svgs} rendered <svg> plot(s), found {len(rendered)} "
+            f"(of {len(sizes)} <svg> elements)"
+        )
     stats = image_stats(out)
     if stats.blank:
-        problems.append(f"the screenshot looks blank: {stats.ink_share:.2%} non-white pixels "
-                        f"(need {MIN_INK_SHARE:.0%}), grey-level std {stats.std:.1f} (need {MIN_STD})")
+        problems.append(
+            f"the screenshot looks blank: {stats.ink_share:.2%} non-white pixels "
+            f"(need {MIN_INK_SHARE:.0%}), grey-level std {stats.std:.1f} (need {MIN_STD})"
+        )
     facts = {"title": title, "svgs": len(rendered), "page_height": height, "page_width": page_width, "stats": stats}
     return problems, facts
 
@@ -541,8 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     started = time.monotonic()
     try:
-        problems, facts = check_report(args.report, args.out, binary=binary, width=args.width,
-                                       max_height=args.max_height, min_svgs=args.min_svgs)
+        problems, facts = check_report(
+            args.report, args.out, binary=binary, width=args.width, max_height=args.max_height, min_svgs=args.min_svgs
+        )
     except BrowserError as exc:
         print(f"screenshot_report: {args.report}: {exc}", file=sys.stderr)
         return 1
@@ -553,14 +602,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if facts["page_width"] > args.width:
         # Not a failure (nothing is lost), but worth fixing: some table or plot is too wide.
-        print(f"screenshot_report: note: the page is {facts['page_width']} px wide in a {args.width} px window "
-              "(horizontal scrolling; the screenshot shows the left part)")
+        print(
+            f"screenshot_report: note: the page is {facts['page_width']} px wide in a {args.width} px window "
+            "(horizontal scrolling; the screenshot shows the left part)"
+        )
     if args.palette:
         to_palette(args.out)
     stats = facts["stats"]
-    print(f"screenshot_report: {args.report} OK: title {facts['title']!r}, {facts['svgs']} plot(s), page height "
-          f"{facts['page_height']} px; wrote {args.out} ({stats.width}x{stats.height}, {stats.ink_share:.1%} "
-          f"non-white, std {stats.std:.1f}) in {time.monotonic() - started:.1f} s")
+    print(
+        f"screenshot_report: {args.report} OK: title {facts['title']!r}, {facts['svgs']} plot(s), page height "
+        f"{facts['page_height']} px; wrote {args.out} ({stats.width}x{stats.height}, {stats.ink_share:.1%} "
+        f"non-white, std {stats.std:.1f}) in {time.monotonic() - started:.1f} s"
+    )
     return 0
 
 

@@ -75,8 +75,9 @@ class PartitionPlan:
     @classmethod
     def from_keys(cls, keys: list[str]) -> PartitionPlan:
         if len(keys) < 4:
-            raise ScreenshotError(f"the sample makes {len(keys)} batch(es); the demo needs at least 4 "
-                                  "(lower --batch-size)")
+            raise ScreenshotError(
+                f"the sample makes {len(keys)} batch(es); the demo needs at least 4 (lower --batch-size)"
+            )
         return cls(keys=tuple(keys), done=tuple(keys[:2]), failed=(keys[3],))
 
 
@@ -105,15 +106,23 @@ def _narr(env: Mapping[str, str], log: Path, *args: str, expect_failure: str | N
         expect_failure: If given, the command must fail and print this text.
     """
     started = time.monotonic()
-    proc = subprocess.run([_tool("narr"), *args], env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [_tool("narr"), *args],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     with open(log, "a") as out:
         out.write(f"\n$ narr {' '.join(args)}\n{proc.stdout}")
     if expect_failure is None and proc.returncode != 0:
         raise ScreenshotError(f"narr {' '.join(args)} exited with {proc.returncode}; see {log}")
     if expect_failure is not None and (proc.returncode == 0 or expect_failure not in proc.stdout):
-        raise ScreenshotError(f"narr {' '.join(args)} should have failed with {expect_failure!r} "
-                              f"(exit code {proc.returncode}); see {log}")
+        raise ScreenshotError(
+            f"narr {' '.join(args)} should have failed with {expect_failure!r} (exit code {proc.returncode}); see {log}"
+        )
     return time.monotonic() - started
 
 
@@ -122,10 +131,14 @@ def batch_keys(db: Path) -> list[str]:
     import duckdb
 
     with duckdb.connect(str(db), read_only=True) as con:
-        return [row[0] for row in con.execute("SELECT DISTINCT batch_id FROM batch_ledger ORDER BY batch_id").fetchall()]
+        return [
+            row[0] for row in con.execute("SELECT DISTINCT batch_id FROM batch_ledger ORDER BY batch_id").fetchall()
+        ]
 
 
-def prepare_project(project: Path, env: dict[str, str], experiment: str, log: Path) -> tuple[PartitionPlan, dict[str, float]]:
+def prepare_project(
+    project: Path, env: dict[str, str], experiment: str, log: Path
+) -> tuple[PartitionPlan, dict[str, float]]:
     """Materialise the sample and run `experiment` partially against the test server.
 
     Args:
@@ -146,27 +159,33 @@ def prepare_project(project: Path, env: dict[str, str], experiment: str, log: Pa
         check_endpoint(env, experiment, server.base_url)
         timings["run_done"] = _narr(env, log, "run", experiment, "--partitions", ",".join(plan.done))
         server.configure(api_key=DEMO_KEY)
-        timings["run_failed"] = _narr(env, log, "run", experiment, "--partitions", ",".join(plan.failed),
-                                      "--no-metrics", expect_failure="401")
+        timings["run_failed"] = _narr(
+            env, log, "run", experiment, "--partitions", ",".join(plan.failed), "--no-metrics", expect_failure="401"
+        )
     return plan, timings
 
 
 def check_endpoint(env: Mapping[str, str], experiment: str, base_url: str) -> None:
     """Fail early unless `experiment` is an LLM experiment that takes its endpoint from NARR_BASE_URL."""
-    code = ("import json, sys\nfrom narr_assets.experiments import load_experiments\n"
-            "by_name = {c.name: c for c in load_experiments()}\n"
-            "cfg = by_name.get(sys.argv[1])\n"
-            "print(json.dumps(None if cfg is None else [cfg.backend, cfg.model.base_url if cfg.backend == 'openai' else None]))")
-    proc = subprocess.run([sys.executable, "-c", code, experiment], env=dict(env), capture_output=True, text=True,
-                          timeout=60, check=False)
+    code = (
+        "import json, sys\nfrom narr_assets.experiments import load_experiments\n"
+        "by_name = {c.name: c for c in load_experiments()}\n"
+        "cfg = by_name.get(sys.argv[1])\n"
+        "print(json.dumps(None if cfg is None else [cfg.backend, cfg.model.base_url if cfg.backend == 'openai' else None]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, experiment], env=dict(env), capture_output=True, text=True, timeout=60, check=False
+    )
     if proc.returncode != 0:
         raise ScreenshotError(f"cannot load the experiment files in {env['NARR_EXPERIMENTS']}:\n{proc.stderr[-2000:]}")
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     if found is None:
         raise ScreenshotError(f"no experiment {experiment!r} in {env['NARR_EXPERIMENTS']}")
     if found[0] != "openai" or found[1] != base_url:
-        raise ScreenshotError(f"experiment {experiment!r} must be an openai experiment whose model.base_url is "
-                              f"${{NARR_BASE_URL:-...}}; it has backend {found[0]}, base_url {found[1]}")
+        raise ScreenshotError(
+            f"experiment {experiment!r} must be an openai experiment whose model.base_url is "
+            f"${{NARR_BASE_URL:-...}}; it has backend {found[0]}, base_url {found[1]}"
+        )
 
 
 @contextmanager
@@ -185,9 +204,14 @@ def webserver(env: Mapping[str, str], log: Path, *, timeout_s: float = 90.0) -> 
     url = f"http://127.0.0.1:{port}"
     with open(log, "a") as out:
         # Own session: stopping it stops the code server it spawns too, and nothing else.
-        proc = subprocess.Popen([_tool("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m",
-                                 "narr_assets.definitions"], env=dict(env), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [_tool("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-m", "narr_assets.definitions"],
+            env=dict(env),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -200,7 +224,9 @@ def webserver(env: Mapping[str, str], log: Path, *, timeout_s: float = 90.0) -> 
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise ScreenshotError(f"dagster-webserver did not answer /server_info within {timeout_s:.0f} s; see {log}")
+                raise ScreenshotError(
+                    f"dagster-webserver did not answer /server_info within {timeout_s:.0f} s; see {log}"
+                )
             time.sleep(0.5)
         yield url
     finally:
@@ -225,14 +251,18 @@ def _page_has(*texts: str) -> str:
 
 # Cosmetics only (more room for the graph); skipped silently if a Dagster release renames them.
 _COLLAPSE_NAV = "localStorage.setItem('dagster-nav-collapsed', 'true')"
-_HIDE_GRAPH_SIDEBAR = ("(() => { const icon = document.querySelector("
-                       "'button:not([class*=MainNavigation]) [aria-label=\"panel_show_right\"]');"
-                       " if (icon) icon.closest('button').click(); return !!icon; })()")
+_HIDE_GRAPH_SIDEBAR = (
+    "(() => { const icon = document.querySelector("
+    "'button:not([class*=MainNavigation]) [aria-label=\"panel_show_right\"]');"
+    " if (icon) icon.closest('button').click(); return !!icon; })()"
+)
 # Dagster draws big graphs with each group collapsed into a box; Alt+E expands them all.
 _COLLAPSED_GROUPS = "document.querySelector('[class*=CollapsedGroupNode]') !== null"
 # Until its status arrives an asset node is drawn in the neutral "loading" colours.
-_STATUSES_LOADED = ("Array.from(document.querySelectorAll('[class*=minimalAssetNodeBox][class*=materializable]'))"
-                    ".every(n => !(n.getAttribute('style') || '').includes('--color-background-light'))")
+_STATUSES_LOADED = (
+    "Array.from(document.querySelectorAll('[class*=minimalAssetNodeBox][class*=materializable]'))"
+    ".every(n => !(n.getAttribute('style') || '').includes('--color-background-light'))"
+)
 
 
 def _settle(browser: Chromium) -> None:
@@ -241,8 +271,16 @@ def _settle(browser: Chromium) -> None:
     time.sleep(1.0)
 
 
-def take_screenshots(base_url: str, outdir: Path, experiment: str, plan: PartitionPlan, *, binary: str,
-                     palette: bool, timeout_s: float = 45.0) -> tuple[list[Path], list[str]]:
+def take_screenshots(
+    base_url: str,
+    outdir: Path,
+    experiment: str,
+    plan: PartitionPlan,
+    *,
+    binary: str,
+    palette: bool,
+    timeout_s: float = 45.0,
+) -> tuple[list[Path], list[str]]:
     """Open the asset graph, the experiment's partitions page and the catalog; save a PNG of each.
 
     Each page is shot only once its text shows the data it is about (asset names, partition
@@ -271,14 +309,19 @@ def take_screenshots(base_url: str, outdir: Path, experiment: str, plan: Partiti
         browser.wait_for(graph_drawn, timeout_s=timeout_s, what="the asset graph on /asset-groups")
         if browser.evaluate(_COLLAPSED_GROUPS):
             browser.press("e", alt=True)
-            browser.wait_for("location.search.includes('expanded')", timeout_s=timeout_s,
-                             what="Alt+E to expand the asset groups on /asset-groups")
+            browser.wait_for(
+                "location.search.includes('expanded')",
+                timeout_s=timeout_s,
+                what="Alt+E to expand the asset groups on /asset-groups",
+            )
             # Reload the expanded view: statuses of nodes inside groups expanded after the
             # first load only arrive with the UI's next refresh, a minute later.
             browser.navigate(browser.evaluate("location.href"), timeout_s=timeout_s)
-        browser.wait_for(f"{_page_has('narrative_batches', 'leaderboard')} && !({_COLLAPSED_GROUPS}) "
-                         f"&& {_STATUSES_LOADED}", timeout_s=timeout_s,
-                         what="the expanded asset graph with statuses on /asset-groups")
+        browser.wait_for(
+            f"{_page_has('narrative_batches', 'leaderboard')} && !({_COLLAPSED_GROUPS}) && {_STATUSES_LOADED}",
+            timeout_s=timeout_s,
+            what="the expanded asset graph with statuses on /asset-groups",
+        )
         browser.evaluate(_HIDE_GRAPH_SIDEBAR)
         _settle(browser)
         pngs.append(browser.screenshot(outdir / "asset_graph.png"))
@@ -290,15 +333,20 @@ def take_screenshots(base_url: str, outdir: Path, experiment: str, plan: Partiti
         # selected partition, so its panel has loaded too.
         missing = len(plan.keys) - len(plan.done) - len(plan.failed)
         counts = (f"Materialized ({len(plan.done)})", f"Failed ({len(plan.failed)})", f"Missing ({missing})")
-        browser.wait_for(_page_has(*plan.done, *plan.failed, *counts, "config_hash"),
-                         timeout_s=timeout_s, what=f"partition keys, {', '.join(counts)} and {first}'s "
-                                                   f"metadata on {path}")
+        browser.wait_for(
+            _page_has(*plan.done, *plan.failed, *counts, "config_hash"),
+            timeout_s=timeout_s,
+            what=f"partition keys, {', '.join(counts)} and {first}'s metadata on {path}",
+        )
         _settle(browser)
         pngs.append(browser.screenshot(outdir / "classifications_partitions.png"))
 
         browser.navigate(f"{base_url}/assets", timeout_s=timeout_s)
-        browser.wait_for(_page_has(f"{experiment} / classifications", "narrative_batches", "leaderboard"),
-                         timeout_s=timeout_s, what="the asset catalog on /assets")
+        browser.wait_for(
+            _page_has(f"{experiment} / classifications", "narrative_batches", "leaderboard"),
+            timeout_s=timeout_s,
+            what="the asset catalog on /assets",
+        )
         _settle(browser)
         pngs.append(browser.screenshot(outdir / "asset_catalog.png"))
         problems = browser.problems()
@@ -336,9 +384,14 @@ def run(outdir: Path, *, experiment: str, batch_size: int, palette: bool, keep: 
         project.mkdir(parents=True, exist_ok=True)
         log = project / "ui_screenshots.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("NARR_")}
-        env.update(NARR_SOURCE=str(source), NARR_DB=str(project / "narr.duckdb"), NARR_DATA_DIR=str(project),
-                   NARR_EXPERIMENTS=os.environ.get("NARR_EXPERIMENTS") or str(ROOT / "configs" / "experiments"),
-                   NARR_BATCH_SIZE=str(batch_size), DAGSTER_HOME=str(project / "dagster_home"))
+        env.update(
+            NARR_SOURCE=str(source),
+            NARR_DB=str(project / "narr.duckdb"),
+            NARR_DATA_DIR=str(project),
+            NARR_EXPERIMENTS=os.environ.get("NARR_EXPERIMENTS") or str(ROOT / "configs" / "experiments"),
+            NARR_BATCH_SIZE=str(batch_size),
+            DAGSTER_HOME=str(project / "dagster_home"),
+        )
         home = project / "dagster_home"
         home.mkdir(exist_ok=True)
         # Written before `narr` creates a default one: no telemetry (as `narr` does) and no
@@ -363,14 +416,19 @@ def run(outdir: Path, *, experiment: str, batch_size: int, palette: bool, keep: 
     blank = []
     for png in pngs:
         stats = image_stats(png)
-        print(f"ui_screenshots: wrote {png} ({stats.width}x{stats.height}, {png.stat().st_size / 1024:.0f} KB, "
-              f"{stats.ink_share:.1%} non-white, std {stats.std:.1f})")
+        print(
+            f"ui_screenshots: wrote {png} ({stats.width}x{stats.height}, {png.stat().st_size / 1024:.0f} KB, "
+            f"{stats.ink_share:.1%} non-white, std {stats.std:.1f})"
+        )
         if stats.blank:
             blank.append(png.name)
     for problem in problems:
         print(f"ui_screenshots: browser reported: {problem}", file=sys.stderr)
-    print("ui_screenshots: timings " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-          + f", total {time.monotonic() - started:.1f} s")
+    print(
+        "ui_screenshots: timings "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+        + f", total {time.monotonic() - started:.1f} s"
+    )
     if blank:
         print(f"ui_screenshots: blank screenshot(s): {', '.join(blank)}", file=sys.stderr)
         return 1
@@ -380,12 +438,18 @@ def run(outdir: Path, *, experiment: str, batch_size: int, palette: bool, keep: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path, help="folder for the PNG files")
-    parser.add_argument("--experiment", default="llm_indicators", help="LLM experiment to run partially (default llm_indicators)")
+    parser.add_argument(
+        "--experiment", default="llm_indicators", help="LLM experiment to run partially (default llm_indicators)"
+    )
     parser.add_argument("--batch-size", type=int, default=20, help="NARR_BATCH_SIZE of the demo project (default 20)")
     parser.add_argument("--palette", action="store_true", help="save 256-colour PNGs (smaller; for docs/screenshots)")
-    parser.add_argument("--keep", type=Path, help="build the demo project in this empty folder and keep it (for debugging)")
+    parser.add_argument(
+        "--keep", type=Path, help="build the demo project in this empty folder and keep it (for debugging)"
+    )
     args = parser.parse_args(argv)
-    return run(args.outdir, experiment=args.experiment, batch_size=args.batch_size, palette=args.palette, keep=args.keep)
+    return run(
+        args.outdir, experiment=args.experiment, batch_size=args.batch_size, palette=args.palette, keep=args.keep
+    )
 
 
 if __name__ == "__main__":

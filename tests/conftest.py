@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample_labelled.xlsx"
 
 POSITIVE = "V was a 30 year old female. Her boyfriend had assaulted her many times and she had a restraining order against him."
-NEGATIVE = "V was a 52 year old male who died by suicide after losing his job. No history of domestic violence was reported."
+NEGATIVE = (
+    "V was a 52 year old male who died by suicide after losing his job. No history of domestic violence was reported."
+)
 
 LLM_EXPERIMENT = """
 description: test experiment against the local test server
@@ -45,9 +47,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setenv("NARR_SOURCE", str(SAMPLE))
     (tmp_path / "experiments").mkdir()
     (tmp_path / "dagster_home").mkdir()
-    (tmp_path / "experiments" / "rules.yaml").write_text(
-        (ROOT / "configs" / "experiments" / "rules.yaml").read_text()
-    )
+    (tmp_path / "experiments" / "rules.yaml").write_text((ROOT / "configs" / "experiments" / "rules.yaml").read_text())
     return tmp_path
 
 
@@ -66,11 +66,23 @@ def write_long_csv(path: Path, n_incidents: int, placeholders: int = 0) -> Path:
     return path
 
 
-def write_experiment(folder: Path, name: str, base_url: str, *, version: str = "v1", mode: str = "json_schema",
-                     concurrency: int = 8, timeout: float = 5, retries: int = 6) -> Path:
+def write_experiment(
+    folder: Path,
+    name: str,
+    base_url: str,
+    *,
+    version: str = "v1",
+    mode: str = "json_schema",
+    concurrency: int = 8,
+    timeout: float = 5,
+    retries: int = 6,
+) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(LLM_EXPERIMENT.format(base_url=base_url, version=version, mode=mode, concurrency=concurrency,
-                                          timeout=timeout, retries=retries))
+    path.write_text(
+        LLM_EXPERIMENT.format(
+            base_url=base_url, version=version, mode=mode, concurrency=concurrency, timeout=timeout, retries=retries
+        )
+    )
     return path
 
 

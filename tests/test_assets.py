@@ -6,8 +6,8 @@ import warnings
 
 import dagster as dg
 import pytest
-
 from conftest import write_experiment, write_long_csv
+
 from narr_assets import settings
 from narr_assets.definitions import build_definitions
 from narr_assets.ingest import file_checksum
@@ -22,10 +22,20 @@ INGEST = [dg.AssetKey("raw_narratives"), dg.AssetKey("narratives"), dg.AssetKey(
 def materialize(defs, instance, keys, partition_range=None, run_config=None):
     tags = {}
     if partition_range:
-        tags = {"dagster/asset_partition_range_start": partition_range[0], "dagster/asset_partition_range_end": partition_range[1]}
+        tags = {
+            "dagster/asset_partition_range_start": partition_range[0],
+            "dagster/asset_partition_range_end": partition_range[1],
+        }
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
-    return dg.materialize([*assets, *defs.asset_checks], selection=keys, instance=instance,
-                          resources=defs.resources, tags=tags, run_config=run_config, raise_on_error=False)
+    return dg.materialize(
+        [*assets, *defs.asset_checks],
+        selection=keys,
+        instance=instance,
+        resources=defs.resources,
+        tags=tags,
+        run_config=run_config,
+        raise_on_error=False,
+    )
 
 
 def test_asset_keys_snapshot(project):
@@ -33,14 +43,25 @@ def test_asset_keys_snapshot(project):
     defs = build_definitions()
     keys = sorted(k.to_user_string() for k in defs.resolve_all_asset_keys())
     assert keys == [
-        "exports", "leaderboard", "narrative_batches", "narratives", "raw_narratives", "report",
-        "rules/classifications", "rules/metrics", "source_file",
+        "exports",
+        "leaderboard",
+        "narrative_batches",
+        "narratives",
+        "raw_narratives",
+        "report",
+        "rules/classifications",
+        "rules/metrics",
+        "source_file",
     ]
     checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in defs.resolve_asset_graph().asset_check_keys)
     assert checks == [
-        "narratives:checksum_matches_source_file", "narratives:keys_unique", "narratives:labels_valid",
-        "narratives:text_not_empty", "rules/classifications:confidence_in_range",
-        "rules/classifications:error_rate_below_threshold", "rules/classifications:one_row_per_narrative",
+        "narratives:checksum_matches_source_file",
+        "narratives:keys_unique",
+        "narratives:labels_valid",
+        "narratives:text_not_empty",
+        "rules/classifications:confidence_in_range",
+        "rules/classifications:error_rate_below_threshold",
+        "rules/classifications:one_row_per_narrative",
     ]
 
 
@@ -66,7 +87,12 @@ def test_whole_graph_on_a_temporary_instance(project, server):
         result = materialize(defs, instance, INGEST)
         assert result.success
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-        assert checks == {"keys_unique": True, "text_not_empty": True, "labels_valid": True, "checksum_matches_source_file": True}
+        assert checks == {
+            "keys_unique": True,
+            "text_not_empty": True,
+            "labels_valid": True,
+            "checksum_matches_source_file": True,
+        }
         partitions = instance.get_dynamic_partitions("narrative_batches")
         assert partitions == ["b00000", "b00001", "b00002"]
         # One run over all partitions of the LLM experiment.
@@ -78,11 +104,17 @@ def test_whole_graph_on_a_temporary_instance(project, server):
         meta = mats[0].materialization.metadata
         assert meta["run_calls_ok"].value == 58 and meta["run_skipped_placeholders"].value == 2
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-        assert checks == {"one_row_per_narrative": True, "error_rate_below_threshold": True, "confidence_in_range": True}
+        assert checks == {
+            "one_row_per_narrative": True,
+            "error_rate_below_threshold": True,
+            "confidence_in_range": True,
+        }
         # Again: zero calls.
         assert materialize(defs, instance, [dg.AssetKey(["llm", "classifications"])], ("b00000", "b00002")).success
         assert server.stats()["chat_requests"] == 58
-        result = materialize(defs, instance, [dg.AssetKey(["llm", "metrics"]), dg.AssetKey("leaderboard"), dg.AssetKey("report")])
+        result = materialize(
+            defs, instance, [dg.AssetKey(["llm", "metrics"]), dg.AssetKey("leaderboard"), dg.AssetKey("report")]
+        )
         assert result.success
         store = Store(settings.db_path())
         board = store.query_df("SELECT experiment, n_rows FROM leaderboard")
@@ -174,7 +206,11 @@ def test_retry_errors_through_run_config(project, server):
         assert materialize(defs, instance, INGEST).success
         server.configure(truncated=0.4, seed=2)
         assert materialize(defs, instance, [key], ("b00000", "b00000")).success
-        errors = Store(settings.db_path()).query_df("SELECT count(*) AS n FROM classification_rows WHERE status = 'truncated'").iloc[0, 0]
+        errors = (
+            Store(settings.db_path())
+            .query_df("SELECT count(*) AS n FROM classification_rows WHERE status = 'truncated'")
+            .iloc[0, 0]
+        )
         assert errors > 0
         server.configure(truncated=0.0)
         server.reset()
@@ -208,7 +244,10 @@ def test_leaderboard_tables_forget_a_removed_experiment(project, server):
         assert materialize(defs, instance, keys).success
         pairs = store.query_df("SELECT experiment_a, experiment_b FROM pairwise_comparisons")
         assert pairs.values.tolist() == [["alpha", "beta"]]
-        assert sorted(store.query_df("SELECT DISTINCT experiment FROM disagreements")["experiment"]) == ["alpha", "beta"]
+        assert sorted(store.query_df("SELECT DISTINCT experiment FROM disagreements")["experiment"]) == [
+            "alpha",
+            "beta",
+        ]
 
         (project / "experiments" / "beta.yaml").unlink()
         defs = build_definitions()

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_benchmark_section_runs(tmp_path):
     out = tmp_path / "smoke.json"
-    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "smoke"
@@ -30,14 +36,26 @@ def test_every_benchmark_section_runs(tmp_path):
     assert e2e["dagster_run_count"] == 3 and e2e["planned_events"]["count"] == e2e["batches"]
     assert set(res["targets"]) == {"engine_over_bare_c32", "pipeline_overhead", "peak_rss"}
     md = out.with_suffix(".md").read_text()
-    for heading in ("## Classification throughput", "## Engine cost breakdown", "## Ingestion", "## `rules` backend",
-                    "## End to end", "## Targets"):
+    for heading in (
+        "## Classification throughput",
+        "## Engine cost breakdown",
+        "## Ingestion",
+        "## `rules` backend",
+        "## End to end",
+        "## Targets",
+    ):
         assert heading in md
 
 
 def test_dagster_events_benchmark_runs():
-    proc = subprocess.run([sys.executable, "benchmarks/dagster_events.py", "--partitions", "5", "--reps", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/dagster_events.py", "--partitions", "5", "--reps", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| SQLite (default) | 5 |" in proc.stdout
     assert "STEP_SUCCESS" not in proc.stderr  # Dagster's debug lines stay out of the output

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SAMPLE
 
 BIN = Path(sys.executable).parent
@@ -36,15 +35,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 # A page that passes every check: text and a 400x300 plot (about a tenth of the viewport).
-GOOD_BODY = ('<h1>narr_assets report</h1><p>Leaderboard and plots.</p>'
-             '<svg width="400" height="300" xmlns="http://www.w3.org/2000/svg">'
-             '<rect width="400" height="300" fill="#4477aa"/></svg>')
+GOOD_BODY = (
+    "<h1>narr_assets report</h1><p>Leaderboard and plots.</p>"
+    '<svg width="400" height="300" xmlns="http://www.w3.org/2000/svg">'
+    '<rect width="400" height="300" fill="#4477aa"/></svg>'
+)
 
 
 def _env(project: Path, source: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NARR_")}
-    env.update(NARR_DB=str(project / "narr.duckdb"), NARR_DATA_DIR=str(project), NARR_SOURCE=str(source),
-               DAGSTER_HOME=str(project / "dagster_home"))
+    env.update(
+        NARR_DB=str(project / "narr.duckdb"),
+        NARR_DATA_DIR=str(project),
+        NARR_SOURCE=str(source),
+        DAGSTER_HOME=str(project / "dagster_home"),
+    )
     return env
 
 
@@ -98,8 +103,10 @@ def test_checker_reports_page_errors(tmp_path, extra, expected):
     ("body", "expected"),
     [
         ("", "the screenshot looks blank"),
-        ("<h1>x</h1>" + GOOD_BODY.replace('width="400" height="300" xmlns', 'width="0" height="0" xmlns'),
-         "expected at least 1 rendered <svg> plot(s), found 0 (of 1 <svg> elements)"),
+        (
+            "<h1>x</h1>" + GOOD_BODY.replace('width="400" height="300" xmlns', 'width="0" height="0" xmlns'),
+            "expected at least 1 rendered <svg> plot(s), found 0 (of 1 <svg> elements)",
+        ),
     ],
     ids=["blank", "zero-size-plot"],
 )
@@ -107,16 +114,19 @@ def test_script_fails_on_blank_page_or_missing_plot(tmp_path, body, expected):
     page = tmp_path / "report.html"
     page.write_text(f"<!DOCTYPE html><html><body>{body}</body></html>")
 
-    checked = _run([sys.executable, str(SCRIPTS / "screenshot_report.py"), str(page), str(tmp_path / "out.png")],
-                   timeout=60)
+    checked = _run(
+        [sys.executable, str(SCRIPTS / "screenshot_report.py"), str(page), str(tmp_path / "out.png")], timeout=60
+    )
 
     assert checked.returncode == 1
     assert expected in checked.stderr
 
 
 def test_script_fails_on_missing_report(tmp_path):
-    checked = _run([sys.executable, str(SCRIPTS / "screenshot_report.py"), str(tmp_path / "nope.html"),
-                    str(tmp_path / "out.png")], timeout=60)
+    checked = _run(
+        [sys.executable, str(SCRIPTS / "screenshot_report.py"), str(tmp_path / "nope.html"), str(tmp_path / "out.png")],
+        timeout=60,
+    )
     assert checked.returncode == 1 and "no such file" in checked.stderr
 
 

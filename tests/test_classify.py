@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from conftest import write_experiment, write_long_csv
+
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, PartitionBusyError, classify_batches, partition_locks
 from narr_assets.experiments import load_experiment
@@ -27,7 +27,9 @@ def ingested(project):
 
 
 def run(cfg, store, batches, **kwargs):
-    return classify_batches(cfg, store, batches, journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir(), **kwargs)
+    return classify_batches(
+        cfg, store, batches, journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir(), **kwargs
+    )
 
 
 def experiment(project, server, **kwargs):
@@ -61,7 +63,9 @@ def test_one_call_per_narrative_then_none(project, ingested, server):
 @pytest.mark.reliability
 def test_fault_storm_completes_with_every_row_and_explained_calls(project, ingested, server):
     store, batches = ingested
-    server.configure(rate_limit=0.15, retry_after_s=0.05, server_error=0.15, hang=0.05, hang_s=3, drop=0.05, malformed=0.05, seed=3)
+    server.configure(
+        rate_limit=0.15, retry_after_s=0.05, server_error=0.15, hang=0.05, hang_s=3, drop=0.05, malformed=0.05, seed=3
+    )
     cfg = experiment(project, server, timeout=0.5, retries=12)
     summary = run(cfg, store, batches)
     stats = server.stats()

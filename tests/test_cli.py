@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_experiment, write_long_csv
+
 from narr_assets.journal import Journal
 from narr_assets.store import Store
 from narr_assets.testing.server import serve_in_subprocess
@@ -22,16 +22,24 @@ BIN = Path(sys.executable).parent
 
 def env_for(project: Path, source: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NARR_")}
-    env.update(NARR_DB=str(project / "narr.duckdb"), NARR_DATA_DIR=str(project), NARR_SOURCE=str(source),
-               NARR_EXPERIMENTS=str(project / "experiments"), DAGSTER_HOME=str(project / "dagster_home"),
-               NARR_BATCH_SIZE="25", **extra)
+    env.update(
+        NARR_DB=str(project / "narr.duckdb"),
+        NARR_DATA_DIR=str(project),
+        NARR_SOURCE=str(source),
+        NARR_EXPERIMENTS=str(project / "experiments"),
+        DAGSTER_HOME=str(project / "dagster_home"),
+        NARR_BATCH_SIZE="25",
+        **extra,
+    )
     return env
 
 
 def narr(env, *args, timeout=240, check=True):
     proc = subprocess.run([str(BIN / "narr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"narr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"narr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -69,7 +77,9 @@ def test_narr_run_status_export_and_rerun(llm_project):
 def test_sigkill_mid_run_then_resume(llm_project, kill_after_s):
     project, env, server = llm_project
     narr(env, "ingest")
-    proc = subprocess.Popen([str(BIN / "narr"), "run", "llm"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "narr"), "run", "llm"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while server.stats()["completions_ok"] < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -105,11 +115,27 @@ def test_parallel_processes_different_and_same_partitions(llm_project):
     narr(env, "ingest")
     batches = [f"b{i:05d}" for i in range(8)]
     groups = [",".join(batches[i::4]) for i in range(4)]
-    procs = [subprocess.Popen([str(BIN / "narr"), "run", "llm", "--no-metrics", "--partitions", g], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for g in groups]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "narr"), "run", "llm", "--no-metrics", "--partitions", g],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for g in groups
+    ]
     # Two more processes on one and the same partition as the first group.
-    same = [subprocess.Popen([str(BIN / "narr"), "run", "llm", "--no-metrics", "--partitions", "b00000"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    same = [
+        subprocess.Popen(
+            [str(BIN / "narr"), "run", "llm", "--no-metrics", "--partitions", "b00000"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=240)[0] for p in procs + same]
     codes = [p.returncode for p in procs + same]
     rows = Store(project / "narr.duckdb").read_classifications("llm")
@@ -129,11 +155,21 @@ def test_dagster_cli_materializes_ingestion_and_a_partition(project):
     source = write_long_csv(project / "input.csv", 10)
     env = env_for(project, source)
     base = [str(BIN / "dagster"), "asset", "materialize", "-m", "narr_assets.definitions"]
-    proc = subprocess.run([*base, "--select", "raw_narratives,narratives,narrative_batches"], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [*base, "--select", "raw_narratives,narratives,narrative_batches"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([*base, "--select", "rules/classifications", "--partition", "b00000"], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [*base, "--select", "rules/classifications", "--partition", "b00000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = Store(project / "narr.duckdb").read_classifications("rules")
     assert len(rows) == 20 and set(rows["batch_id"]) == {"b00000"}

@@ -254,7 +254,9 @@ def test_wilson_empty_and_invalid():
         wilson_interval(3, 2)
 
 
-@pytest.mark.parametrize("b,c", [(0, 1), (0, 7), (3, 15), (15, 3), (10, 10), (1, 2), (25, 40), (100, 130), (2000, 2100), (10000, 10500)])
+@pytest.mark.parametrize(
+    "b,c", [(0, 1), (0, 7), (3, 15), (15, 3), (10, 10), (1, 2), (25, 40), (100, 130), (2000, 2100), (10000, 10500)]
+)
 def test_mcnemar_matches_scipy_binomtest(b, c):
     expected = binomtest(min(b, c), b + c, 0.5, alternative="two-sided").pvalue
     assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9)
@@ -409,7 +411,17 @@ def test_unlabelled_rows_give_none_metrics_but_prevalence():
         for v in VARIANTS:
             m = ev["scopes"][s][v]
             assert m["n"] == 0 and m["n_labelled"] == 0
-            for k in ("accuracy", "precision", "recall", "specificity", "f1", "mcc", "kappa", "f1_ci_low", "recall_ci_low"):
+            for k in (
+                "accuracy",
+                "precision",
+                "recall",
+                "specificity",
+                "f1",
+                "mcc",
+                "kappa",
+                "f1_ci_low",
+                "recall_ci_low",
+            ):
                 assert m[k] is None, (s, v, k)
     ok = df[df["status"] == "ok"]
     assert ev["prevalence"]["overall"]["share"] == pytest.approx(ok["detected"].astype(int).mean())
@@ -644,23 +656,39 @@ def test_paired_comparison_per_incident():
     """Incident verdicts (positive if either narrative is), on the narratives both have."""
 
     def rec(inc, typ, label, det, status="ok"):
-        return {"incident_id": inc, "narrative_type": typ, "status": status,
-                "detected": det if status == "ok" else None, "manual_flag_ind": label}
+        return {
+            "incident_id": inc,
+            "narrative_type": typ,
+            "status": status,
+            "detected": det if status == "ok" else None,
+            "manual_flag_ind": label,
+        }
 
     a = [
-        rec("0", "cme", 1, True), rec("0", "le", 0, False),   # right
-        rec("1", "cme", 1, True), rec("1", "le", 0, False),   # right
-        rec("2", "cme", 0, False), rec("2", "le", 0, True),   # wrong (false positive)
-        rec("3", "cme", 0, False), rec("3", "le", 0, False),  # right
-        rec("4", "cme", 1, True), rec("4", "le", 0, False),   # right
-        rec("5", "cme", 1, False), rec("5", "le", 0, False),  # only A has incident 5
+        rec("0", "cme", 1, True),
+        rec("0", "le", 0, False),  # right
+        rec("1", "cme", 1, True),
+        rec("1", "le", 0, False),  # right
+        rec("2", "cme", 0, False),
+        rec("2", "le", 0, True),  # wrong (false positive)
+        rec("3", "cme", 0, False),
+        rec("3", "le", 0, False),  # right
+        rec("4", "cme", 1, True),
+        rec("4", "le", 0, False),  # right
+        rec("5", "cme", 1, False),
+        rec("5", "le", 0, False),  # only A has incident 5
     ]
     b = [
-        rec("0", "cme", 1, False), rec("0", "le", 0, True),   # both narratives wrong, incident right
-        rec("1", "cme", 1, False), rec("1", "le", 0, False),  # wrong
-        rec("2", "cme", 0, False), rec("2", "le", 0, False),  # right
-        rec("3", "cme", 0, False), rec("3", "le", 0, False),  # right
-        rec("4", "cme", 1, None, status="failed"), rec("4", "le", 0, False),  # an error: wrong
+        rec("0", "cme", 1, False),
+        rec("0", "le", 0, True),  # both narratives wrong, incident right
+        rec("1", "cme", 1, False),
+        rec("1", "le", 0, False),  # wrong
+        rec("2", "cme", 0, False),
+        rec("2", "le", 0, False),  # right
+        rec("3", "cme", 0, False),
+        rec("3", "le", 0, False),  # right
+        rec("4", "cme", 1, None, status="failed"),
+        rec("4", "le", 0, False),  # an error: wrong
     ]
     pc = paired_comparison(make_rows(a, "A"), make_rows(b, "B"), "A", "B")
     assert pc["incident_strict_n"] == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import write_experiment, write_long_csv
+
 from narr_assets import evaluation, settings
 from narr_assets.assets_eval import cross_experiment, evaluate_experiment
 from narr_assets.classify import classify_batches

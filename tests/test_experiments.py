@@ -115,7 +115,7 @@ def test_api_key_is_read_from_named_variable_and_never_hashed(tmp_path, monkeypa
 
 def test_prompt_files_resolve_relative_to_configs(tmp_path):
     text = LLM.replace(
-        "  system: You classify narratives.\n  user_template: \"Narrative: <<TEXT>>\"",
+        '  system: You classify narratives.\n  user_template: "Narrative: <<TEXT>>"',
         "  system_file: prompts/strict.md\n  user_template_file: prompts/user_template.md",
     )
     cfg = load_experiment(write(tmp_path, "f", text))
@@ -126,7 +126,9 @@ def test_prompt_files_resolve_relative_to_configs(tmp_path):
 
 
 def test_build_messages_fills_placeholder_and_reasoning_line(tmp_path):
-    cfg = load_experiment(write(tmp_path, "m", LLM.replace("temperature: 0.2", "temperature: 0.2\n  reasoning_effort: high")))
+    cfg = load_experiment(
+        write(tmp_path, "m", LLM.replace("temperature: 0.2", "temperature: 0.2\n  reasoning_effort: high"))
+    )
     messages = build_messages(cfg, "V was found.")
     assert messages[0] == {"role": "system", "content": "Reasoning: high\nYou classify narratives."}
     assert messages[1] == {"role": "user", "content": "Narrative: V was found."}

@@ -46,8 +46,9 @@ def small(tmp_path_factory) -> tuple[dict, pd.DataFrame]:
 
 def _shape(row) -> str:
     cme, le = pd.notna(row["NarrativeCME"]), pd.notna(row["NarrativeLE"])
-    return {(True, True): "both", (True, False): "cme_only", (False, True): "le_only",
-            (False, False): "no_narrative"}[(cme, le)]
+    return {(True, True): "both", (True, False): "cme_only", (False, True): "le_only", (False, False): "no_narrative"}[
+        (cme, le)
+    ]
 
 
 # --------------------------------------------------------------------------- production

@@ -41,9 +41,7 @@ def _engines() -> list[Any]:
 
         engines.insert(0, "calamine")
     except ImportError:
-        engines.insert(
-            0, pytest.param("calamine", marks=pytest.mark.skip(reason="python-calamine not installed"))
-        )
+        engines.insert(0, pytest.param("calamine", marks=pytest.mark.skip(reason="python-calamine not installed")))
     return engines
 
 
@@ -232,9 +230,7 @@ def test_long_layout_csv_with_incident_label(tmp_path: Path) -> None:
     raw = read_source(path)
     assert raw.layout == "long"
     assert raw.sheet is None and raw.encoding == "utf-8" and raw.reader == "csv"
-    assert rows_of(
-        raw.frame, "incident_id", "narrative_type", "manual_flag_ind", "manual_flag", "label_error"
-    ) == [
+    assert rows_of(raw.frame, "incident_id", "narrative_type", "manual_flag_ind", "manual_flag", "label_error") == [
         ("7", "cme", 1, 1, None),
         ("7", "le", 0, None, "unrecognised label 'maybe' in column manual_flag"),
     ]
@@ -243,8 +239,7 @@ def test_long_layout_csv_with_incident_label(tmp_path: Path) -> None:
 def test_wide_csv_with_bom_and_text_floats(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "wide.csv",
-        "IncidentID,NarrativeCME,NarrativeLE,ipv_manualCME,ipv_manualLE,IncidentYear\n"
-        "727037.0,a,b,1.0,0.0,2019.0\n",
+        "IncidentID,NarrativeCME,NarrativeLE,ipv_manualCME,ipv_manualLE,IncidentYear\n727037.0,a,b,1.0,0.0,2019.0\n",
         encoding="utf-8-sig",
     )
     raw = read_source(path)
@@ -388,9 +383,7 @@ def test_parse_label_table(value: Any, expected: int | None) -> None:
     assert parse_label(value) == (expected, True)
 
 
-@pytest.mark.parametrize(
-    "value", ["maybe", "2", "-1", "0.5", "#N/A", "unknown", "yes no", "\u0661", "\uff10"]
-)
+@pytest.mark.parametrize("value", ["maybe", "2", "-1", "0.5", "#N/A", "unknown", "yes no", "\u0661", "\uff10"])
 def test_parse_label_rejects(value: str) -> None:
     assert parse_label(value) == (None, False)
 
@@ -645,9 +638,7 @@ def test_csv_field_longer_than_the_csv_module_default_limit(tmp_path: Path) -> N
     assert read_source(path).frame["narrative_text"].tolist() == [text.strip(), "x"]
 
 
-@pytest.mark.parametrize(
-    ("lead", "row"), [("", 2), ("\n", 3), ("  \n\n", 4), (",,,\r\n", 3), ("\ufeff\n", 3)]
-)
+@pytest.mark.parametrize(("lead", "row"), [("", 2), ("\n", 3), ("  \n\n", 4), (",,,\r\n", 3), ("\ufeff\n", 3)])
 def test_csv_blank_lines_above_header(tmp_path: Path, lead: str, row: int) -> None:
     path = write_csv(tmp_path / "lead.csv", f"{lead}IncidentID,NarrativeCME,NarrativeLE\n1,a,\n")
     raw = read_source(path)

@@ -12,8 +12,14 @@ from narr_assets.journal import Journal, JournalStats
 
 
 def record(iid: str, attempt: int = 1, at: float = 1.0, content: str = "{}") -> dict:
-    return {"key": [iid, "cme"], "text_hash": "h" + iid, "config_hash": "c", "attempt": attempt, "at": at,
-            "response": {"content": content}}
+    return {
+        "key": [iid, "cme"],
+        "text_hash": "h" + iid,
+        "config_hash": "c",
+        "attempt": attempt,
+        "at": at,
+        "response": {"content": content},
+    }
 
 
 def test_append_then_latest_wins(tmp_path):
@@ -54,8 +60,8 @@ def test_record_survives_sigkill_right_after_append(tmp_path):
         f"""
         import os, signal
         from narr_assets.journal import Journal
-        j = Journal({str(tmp_path / 'j')!r}, fsync_interval_s=3600)
-        j.append({record('9')!r})
+        j = Journal({str(tmp_path / "j")!r}, fsync_interval_s=3600)
+        j.append({record("9")!r})
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )

@@ -8,7 +8,11 @@ from narr_assets.llm import TransientError, raw_from_body
 
 
 def body(message: dict, usage: dict | None = None, finish: str = "stop") -> dict:
-    return {"model": "m", "choices": [{"message": message, "finish_reason": finish}], **({"usage": usage} if usage else {})}
+    return {
+        "model": "m",
+        "choices": [{"message": message, "finish_reason": finish}],
+        **({"usage": usage} if usage else {}),
+    }
 
 
 @pytest.mark.parametrize(
@@ -25,8 +29,13 @@ def test_reasoning_from_whichever_field(message, reasoning):
 
 
 def test_usage_and_reasoning_tokens_when_reported():
-    raw = raw_from_body(body({"content": "x"}, {"prompt_tokens": 995, "completion_tokens": 258,
-                                                "completion_tokens_details": {"reasoning_tokens": 120}}), 4.97)
+    raw = raw_from_body(
+        body(
+            {"content": "x"},
+            {"prompt_tokens": 995, "completion_tokens": 258, "completion_tokens_details": {"reasoning_tokens": 120}},
+        ),
+        4.97,
+    )
     assert (raw.prompt_tokens, raw.completion_tokens, raw.reasoning_tokens, raw.latency_s) == (995, 258, 120, 4.97)
     bare = raw_from_body(body({"content": "x"}), 1.0)
     assert (bare.prompt_tokens, bare.completion_tokens, bare.reasoning_tokens) == (None, None, None)
@@ -47,6 +56,7 @@ def _one_error(folder, base_url: str, timeout_s: float = 5.0) -> str:
     import asyncio
 
     from conftest import write_experiment
+
     from narr_assets.experiments import load_experiment
     from narr_assets.llm import OpenAIBackend
 

@@ -164,9 +164,7 @@ def test_conflicting_duplicates_keep_lowest_source_row() -> None:
         [6, False, "differs from kept row 3 in labels"],
         [7, False, "differs from kept row 3 in text and labels"],
     ]
-    assert result.conflicts["text_hash"].tolist() == [text_hash("first version")] * 3 + [
-        text_hash("second version")
-    ]
+    assert result.conflicts["text_hash"].tolist() == [text_hash("first version")] * 3 + [text_hash("second version")]
     assert result.conflicts["manual_flag_ind"].tolist() == [0, 0, 1, 1]
     assert result.stats["duplicates_removed"] == 1
     assert result.stats["conflicts"] == 2
@@ -265,9 +263,7 @@ def test_from_rawload_end_to_end(tmp_path: Path) -> None:
     result = clean_narratives(raw)
     assert result.stats["rows_read"] == 5
     assert result.stats["input_rows"] == 10
-    assert result.narratives[
-        ["incident_id", "narrative_type", "source_row", "is_placeholder"]
-    ].values.tolist() == [
+    assert result.narratives[["incident_id", "narrative_type", "source_row", "is_placeholder"]].values.tolist() == [
         ["101", "cme", 2, False],
         ["101", "le", 2, False],
         ["102", "cme", 3, True],
@@ -382,9 +378,7 @@ def test_default_patterns_are_a_tuple_of_str() -> None:
 # --------------------------------------------------------------------------- batches
 
 
-@pytest.mark.parametrize(
-    ("index", "expected"), [(0, "b00000"), (7, "b00007"), (12345, "b12345"), (100000, "b100000")]
-)
+@pytest.mark.parametrize(("index", "expected"), [(0, "b00000"), (7, "b00007"), (12345, "b12345"), (100000, "b100000")])
 def test_batch_key_roundtrip(index: int, expected: str) -> None:
     assert batch_key(index) == expected
     assert batch_number(expected) == index
@@ -423,9 +417,7 @@ def test_first_assignment_sorted_and_sized() -> None:
 
 def test_unchanged_input_adds_nothing() -> None:
     current = keys(["1", "2", "3"])
-    ledger = assign_batches(
-        current, pd.DataFrame(columns=["incident_id", "narrative_type", "batch_id"]), batch_size=4
-    )
+    ledger = assign_batches(current, pd.DataFrame(columns=["incident_id", "narrative_type", "batch_id"]), batch_size=4)
     assert assign_batches(current, ledger, batch_size=4).empty
 
 

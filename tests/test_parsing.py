@@ -154,15 +154,19 @@ SYNTAX_CASES = {
     ),
     "unquoted_values_yes": ("{detected: yes, confidence: high}", True, 0.9, ()),
     "smart_double_quotes": (
-        "{\u201cdetected\u201d: true, \u201cconfidence\u201d: 0.65, "
-        "\u201cindicators\u201d: [\u201cDV shelter\u201d]}",
+        "{\u201cdetected\u201d: true, \u201cconfidence\u201d: 0.65, \u201cindicators\u201d: [\u201cDV shelter\u201d]}",
         True,
         0.65,
         ("DV shelter",),
     ),
     "smart_single_quotes": ("{\u2018detected\u2019: \u2018no\u2019, \u2018confidence\u2019: 0.3}", False, 0.3, ()),
     "missing_commas_newlines": ('{\n"detected": "yes"\n"confidence": 0.55\n}', True, 0.55, ()),
-    "raw_newline_in_string": ('{"detected": true, "confidence": 0.9, "rationale": "line one\nline two"}', True, 0.9, ()),
+    "raw_newline_in_string": (
+        '{"detected": true, "confidence": 0.9, "rationale": "line one\nline two"}',
+        True,
+        0.9,
+        (),
+    ),
     "control_char_in_string": ('{"detected": false, "confidence": 0.9, "rationale": "tab\there"}', False, 0.9, ()),
     "nan_confidence": ('{"detected": true, "confidence": NaN}', True, None, ()),
     "equals_sign": ("{detected = false, confidence = 0.2}", False, 0.2, ()),
@@ -338,9 +342,7 @@ def test_missing_indicators_and_rationale() -> None:
     assert answer.rationale is None
 
 
-@pytest.mark.parametrize(
-    ("length", "kept"), [(150, 150), (200, 200), (450, 450), (1000, 1000), (5000, 1000)]
-)
+@pytest.mark.parametrize(("length", "kept"), [(150, 150), (200, 200), (450, 450), (1000, 1000), (5000, 1000)])
 def test_rationale_length_cap(length: int, kept: int) -> None:
     answer = parse_answer(json.dumps({"detected": False, "rationale": "r" * length}))
     assert answer.status == "ok"
@@ -391,9 +393,7 @@ REFUSAL_CASES = {
     "cant_assist": {"content": "Unfortunately I can't assist with that."},
     "wont": {"content": "I won't classify this content."},
     "as_an_ai": {"content": "As an AI, I am not able to judge this."},
-    "harmony_final_refusal": {
-        "content": "<|channel|>final<|message|>I'm sorry, but I can't help with that.<|return|>"
-    },
+    "harmony_final_refusal": {"content": "<|channel|>final<|message|>I'm sorry, but I can't help with that.<|return|>"},
     "refusal_even_with_length": {"content": "I'm sorry, I cannot help.", "finish_reason": "length"},
     "json_without_detected_and_refusal": {"content": '{"error": "I cannot assist with this."}'},
 }
@@ -434,9 +434,7 @@ TRUNCATION_CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    ("content", "reason", "status"), TRUNCATION_CASES.values(), ids=TRUNCATION_CASES.keys()
-)
+@pytest.mark.parametrize(("content", "reason", "status"), TRUNCATION_CASES.values(), ids=TRUNCATION_CASES.keys())
 def test_finish_reason_length(content: str, reason: str, status: str) -> None:
     answer = parse_answer(content, finish_reason=reason)
     assert answer.status == status
@@ -516,7 +514,7 @@ def test_huge_valid_answer_still_parses() -> None:
 
 
 _TRICKY_ALPHABET = st.sampled_from(
-    [*'{}[]"\'\\:,.#/*\n\t ', "detected", "true", "0. nine", "<|end|>", "</think>", "\x00"]
+    [*"{}[]\"'\\:,.#/*\n\t ", "detected", "true", "0. nine", "<|end|>", "</think>", "\x00"]
     + ["<|channel|>final<|message|>", "\u201c", "I'm sorry"]
 )
 _ANY_TEXT = st.one_of(
@@ -585,9 +583,7 @@ _WRAPPERS = st.sampled_from(
     indent=st.sampled_from([None, 2]),
     ascii_only=st.booleans(),
 )
-def test_round_trip(
-    answer: dict, wrapper: str, prose: str, indent: int | None, ascii_only: bool
-) -> None:
+def test_round_trip(answer: dict, wrapper: str, prose: str, indent: int | None, ascii_only: bool) -> None:
     payload = json.dumps(answer, indent=indent, ensure_ascii=ascii_only)
     text = wrapper.replace("{prose}", prose).replace("{json}", payload)
     parsed = parse_answer(text)

@@ -281,7 +281,11 @@ def csv_text(value: Any) -> str:
 
 
 def write_csv(
-    path: Path, rows: list[list[Any]], *, lineterminator: str = "\r\n", quoting: int = csv.QUOTE_MINIMAL,
+    path: Path,
+    rows: list[list[Any]],
+    *,
+    lineterminator: str = "\r\n",
+    quoting: int = csv.QUOTE_MINIMAL,
     encoding: str = "utf-8",
 ) -> Path:
     with open(path, "w", newline="", encoding=encoding) as handle:
@@ -409,7 +413,10 @@ def check_clean(result: CleanResult, load: RawLoad) -> None:
     assert stats["rows_read"] == load.rows_read
     assert stats["input_rows"] == len(frame)
     assert stats["input_rows"] == (
-        stats["narratives"] + stats["empty_dropped"] + stats["rejected"] + stats["duplicates_removed"]
+        stats["narratives"]
+        + stats["empty_dropped"]
+        + stats["rejected"]
+        + stats["duplicates_removed"]
         + stats["conflicts"]
     )
     assert stats["narratives"] == len(result.narratives) == stats["cme"] + stats["le"]
@@ -570,23 +577,37 @@ def test_normalise_incident_id_is_idempotent_trimmed_text(value: Any) -> None:
 
 # --------------------------------------------------------------------------- 4: labels
 
-LABEL_TABLE = [(s, 1) for s in sorted(LABEL_POSITIVE)] + [(s, 0) for s in sorted(LABEL_NEGATIVE)] + [
-    (s, None) for s in sorted(LABEL_NULL)
-]
+LABEL_TABLE = (
+    [(s, 1) for s in sorted(LABEL_POSITIVE)]
+    + [(s, 0) for s in sorted(LABEL_NEGATIVE)]
+    + [(s, None) for s in sorted(LABEL_NULL)]
+)
 
 
 @pytest.mark.parametrize(("spelling", "label"), LABEL_TABLE)
-@pytest.mark.parametrize(
-    "variant", [str, str.upper, str.title, lambda s: f"  {s}\t", lambda s: s.replace(" ", "  ")]
-)
+@pytest.mark.parametrize("variant", [str, str.upper, str.title, lambda s: f"  {s}\t", lambda s: s.replace(" ", "  ")])
 def test_documented_label_spellings(spelling: str, label: int | None, variant: Any) -> None:
     assert parse_label(variant(spelling)) == (label, True)
 
 
 @pytest.mark.parametrize(
     ("value", "label"),
-    [(1, 1), (0, 0), (1.0, 1), (0.0, 0), (True, 1), (False, 0), (None, None), ("1.000", 1), ("1e0", 1),
-     ("+1", 1), ("01", 1), ("-0", 0), ("0e5", 0), (float("nan"), None)],
+    [
+        (1, 1),
+        (0, 0),
+        (1.0, 1),
+        (0.0, 0),
+        (True, 1),
+        (False, 0),
+        (None, None),
+        ("1.000", 1),
+        ("1e0", 1),
+        ("+1", 1),
+        ("01", 1),
+        ("-0", 0),
+        ("0e5", 0),
+        (float("nan"), None),
+    ],
 )
 def test_numeric_and_native_labels(value: Any, label: int | None) -> None:
     assert parse_label(value) == (label, True)
@@ -620,8 +641,14 @@ round_trip_labels = st.one_of(
 )
 round_trip_texts = st.one_of(st.none(), st.sampled_from(SPECIAL_TEXTS), st.text(max_size=80), long_texts)
 KEY_COLUMNS = [
-    "incident_id", "narrative_type", "narrative_text", "manual_flag_ind", "manual_flag", "label_error",
-    "attributes", "source_row",
+    "incident_id",
+    "narrative_type",
+    "narrative_text",
+    "manual_flag_ind",
+    "manual_flag",
+    "label_error",
+    "attributes",
+    "source_row",
 ]
 
 
@@ -643,7 +670,12 @@ def test_csv_and_xlsx_of_the_same_rows_give_the_same_frame(sheet: Sheet) -> None
     pd.testing.assert_frame_equal(from_csv.frame[KEY_COLUMNS], from_xlsx.frame[KEY_COLUMNS])
     clean_csv, clean_xlsx = clean_narratives(from_csv), clean_narratives(from_xlsx)
     columns = [
-        "incident_id", "narrative_type", "narrative_text", "text_hash", "manual_flag_ind", "is_placeholder",
+        "incident_id",
+        "narrative_type",
+        "narrative_text",
+        "text_hash",
+        "manual_flag_ind",
+        "is_placeholder",
     ]
     pd.testing.assert_frame_equal(clean_csv.narratives[columns], clean_xlsx.narratives[columns])
     assert clean_csv.stats == clean_xlsx.stats
@@ -663,9 +695,7 @@ def check_text_preserved(load: RawLoad, cme: str, le: str) -> None:
     assert as_list(kept["narrative_text"]) == [t for t in expected if t is not None]
 
 
-any_text = st.one_of(
-    st.text(), st.sampled_from(SPECIAL_TEXTS), st.text(st.characters(max_codepoint=0x9F)), long_texts
-)
+any_text = st.one_of(st.text(), st.sampled_from(SPECIAL_TEXTS), st.text(st.characters(max_codepoint=0x9F)), long_texts)
 
 
 @FILES

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_experiment, write_long_csv
+
 from narr_assets import quality, settings
 from narr_assets.classify import ClassificationFailed, classify_batches
 from narr_assets.experiments import load_experiment
@@ -27,7 +27,9 @@ def ingest(store: Store, source: Path, batch_size: int = 10) -> list[str]:
 
 
 def run(cfg, store, batches, **kwargs):
-    return classify_batches(cfg, store, batches, journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir(), **kwargs)
+    return classify_batches(
+        cfg, store, batches, journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir(), **kwargs
+    )
 
 
 def assert_complete(store: Store, experiment: str, n: int) -> None:
@@ -85,9 +87,13 @@ def test_source_changes_while_an_experiment_runs(project, server):
     # Re-ingest: only the edited narrative's batch is stale; its row is flagged, not mixed in.
     assert ingest(store, source) == []  # same keys: no new batches
     state = partition_state(store, cfg)
-    stale_batch = store.query_df("SELECT batch_id FROM narratives WHERE incident_id = '1035' AND narrative_type = 'cme'").iloc[0, 0]
+    stale_batch = store.query_df(
+        "SELECT batch_id FROM narratives WHERE incident_id = '1035' AND narrative_type = 'cme'"
+    ).iloc[0, 0]
     assert state.missing == [stale_batch]
-    view = store.query_df("SELECT incident_id, narrative_type, is_stale FROM classifications WHERE experiment = 'llm' AND is_stale")
+    view = store.query_df(
+        "SELECT incident_id, narrative_type, is_stale FROM classifications WHERE experiment = 'llm' AND is_stale"
+    )
     assert list(zip(view["incident_id"], view["narrative_type"])) == [("1035", "cme")]
     ev = evaluation_rows(store, cfg)
     assert ev.loc[(ev["incident_id"] == "1035") & (ev["narrative_type"] == "cme"), "status"].item() == "failed"

@@ -148,7 +148,7 @@ def test_report_sections_and_values(report_html, inputs):
     n_fn = int((inputs["disagreements"]["qwen-strict"]["kind"] == "FN").sum())
     assert f"qwen-strict: {n_fn} false negatives" in report_html
     pair = inputs["pairwise"][0]
-    section = report_html[report_html.index('id="pairwise"'):report_html.index('id="disagreements"')]
+    section = report_html[report_html.index('id="pairwise"') : report_html.index('id="disagreements"')]
     assert "incidents, strict: only A right / only B right" in section
     assert f"<td>{pair['incident_strict_a_only_correct']} / {pair['incident_strict_b_only_correct']}</td>" in section
     assert f"{pair['incident_strict_f1_a']:.3f} / {pair['incident_strict_f1_b']:.3f}" in section
@@ -174,7 +174,7 @@ def test_disagreements_are_capped_with_a_note(inputs, monkeypatch):
     assert len(table) > 3
     monkeypatch.setattr(report, "MAX_DISAGREEMENT_ROWS", 3)
     html = report.render_report_html(inputs["evals"], inputs["leaderboard"], {name: table})
-    section = html[html.index('id="disagreements"'):]
+    section = html[html.index('id="disagreements"') :]
     assert section.count('<div class="narr">') == 3
     assert f"Showing the first 3 of {len(table):,}" in section
     n_fn = int((table["kind"] == "FN").sum())

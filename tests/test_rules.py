@@ -38,25 +38,27 @@ POSITIVES = [
     (f"{F} She said her ex was stalking her.", "psychological abuse by partner"),
     (f"{M} His girlfriend was controlling and monitored his phone.", "psychological abuse by partner"),
     (f"{F} Her partner was verbally abusive and belittled her daily.", "emotional abuse by partner"),
-    (f"{F} Her husband controlled all of her money and would not let her work.",
-     "economic abuse by partner"),
+    (f"{F} Her husband controlled all of her money and would not let her work.", "economic abuse by partner"),
     (f"{F} Her ex-husband had filed false reports against her with CPS.", "legal abuse by partner"),
     (f"{M} His ex-wife threatened to take the children away.", "legal abuse by partner"),
-    (f"{F} She had stayed at a domestic violence shelter earlier that year.",
-     "domestic violence shelter"),
-    (f"{F} She had contacted a women's shelter two weeks before her death.",
-     "domestic violence shelter"),
+    (f"{F} She had stayed at a domestic violence shelter earlier that year.", "domestic violence shelter"),
+    (f"{F} She had contacted a women's shelter two weeks before her death.", "domestic violence shelter"),
     (f"{F} She had obtained a restraining order against her husband in March.", "restraining order"),
     (f"{F} There was an active protective order against her ex-boyfriend.", "restraining order"),
-    (f"{F} Police had responded several times for domestic disturbances between V and her "
-     "boyfriend.", "police called to a domestic"),
-    (f"{F} Officers had been called to the home after a fight between V and her husband.",
-     "police intervention between partners"),
+    (
+        f"{F} Police had responded several times for domestic disturbances between V and her boyfriend.",
+        "police called to a domestic",
+    ),
+    (
+        f"{F} Officers had been called to the home after a fight between V and her husband.",
+        "police intervention between partners",
+    ),
     (f"{F} She and her husband had a history of domestic issues.", "domestic dispute"),
-    (f"{F} Her boyfriend had been arrested for domestic violence against her.",
-     "partner arrested for domestic violence"),
-    (f"{F} Her fiance was in jail on domestic battery charges involving V.",
-     "partner arrested for domestic violence"),
+    (
+        f"{F} Her boyfriend had been arrested for domestic violence against her.",
+        "partner arrested for domestic violence",
+    ),
+    (f"{F} Her fiance was in jail on domestic battery charges involving V.", "partner arrested for domestic violence"),
     (f"{F} She had a long history of domestic violence victimization.", "domestic violence"),
     (f"{F} The father of her children had assaulted her in 2019.", "physical abuse by partner"),
 ]
@@ -74,11 +76,9 @@ def test_positive_kinds_are_detected_with_their_label(lexicon, text, label):
 
 HARD_NEGATIVES = [
     # explicit denial
-    (f"{F} There was no history of domestic violence in the relationship with her husband.",
-     "negated mention"),
+    (f"{F} There was no history of domestic violence in the relationship with her husband.", "negated mention"),
     (f"{F} Family denied any history of abuse between V and her husband.", "negated mention"),
-    (f"{F} Her boyfriend said there was no known history of physical or sexual abuse.",
-     "negated mention"),
+    (f"{F} Her boyfriend said there was no known history of physical or sexual abuse.", "negated mention"),
     (f"{F} Law enforcement had no record of domestic calls to the residence.", "negated mention"),
     (f"{M} His wife said he had never been violent toward her.", "negated mention"),
     # violence by a parent or sibling
@@ -91,19 +91,17 @@ HARD_NEGATIVES = [
     (f"{F} Her ex-husband had sexually assaulted her daughter.", "abuse of someone else"),
     (f"{M} His wife had beaten their son in 2019.", "abuse of someone else"),
     # the decedent as the perpetrator
-    (f"{M} He had been arrested for assaulting his wife two weeks earlier.",
-     "decedent as perpetrator"),
+    (f"{M} He had been arrested for assaulting his wife two weeks earlier.", "decedent as perpetrator"),
     (f"{M} V was abusive toward his girlfriend.", "decedent as perpetrator"),
-    (f"{M} His wife had obtained a protective order against him after he threatened her.",
-     "decedent as perpetrator"),
+    (f"{M} His wife had obtained a protective order against him after he threatened her.", "decedent as perpetrator"),
     (f"{M} He had a history of DV perpetration against his ex-wife.", "decedent as perpetrator"),
-    (f"{F} She had been charged with domestic battery against her boyfriend.",
-     "decedent as perpetrator"),
-    (f"{M} He had a history of domestic violence arrests involving his ex-wife.",
-     "decedent as perpetrator"),
+    (f"{F} She had been charged with domestic battery against her boyfriend.", "decedent as perpetrator"),
+    (f"{M} He had a history of domestic violence arrests involving his ex-wife.", "decedent as perpetrator"),
     # homicide victims are out of scope
-    ("V was a 30-year-old female who was shot and killed by her estranged husband. He had "
-     "abused her for years.", "decedent as homicide victim (out of scope)"),
+    (
+        "V was a 30-year-old female who was shot and killed by her estranged husband. He had abused her for years.",
+        "decedent as homicide victim (out of scope)",
+    ),
 ]
 
 
@@ -174,11 +172,11 @@ def test_decision_rules(lexicon, text, detected):
 
 def test_confidence_grows_with_evidence(lexicon):
     one = classify(f"{F} Her husband had beaten her.", lexicon)
-    two = classify(f"{F} Her husband had beaten her. She had a restraining order against him.",
-                   lexicon)
+    two = classify(f"{F} Her husband had beaten her. She had a restraining order against him.", lexicon)
     three = classify(
         f"{F} Her husband had beaten her and raped her. She had a restraining order against "
-        "him and stayed at a domestic violence shelter.", lexicon,
+        "him and stayed at a domestic violence shelter.",
+        lexicon,
     )
     carried = classify(f"{F} She lived with her husband. He had beaten her.", lexicon)
     assert 0.5 < carried.confidence < one.confidence < two.confidence < three.confidence <= 1.0
@@ -210,11 +208,18 @@ def test_rationale_is_short_and_never_quotes_the_narrative(lexicon, seed):
     assert "zqxjvw" not in verdict.rationale.lower()
     # the rationale is made of indicator labels and fixed reasons only
     vocabulary = set(verdict.indicators) | {
-        "negated mention", "abuse by non-partner", "abuse of someone else", "decedent as perpetrator",
+        "negated mention",
+        "abuse by non-partner",
+        "abuse of someone else",
+        "decedent as perpetrator",
         "decedent as homicide victim (out of scope)",
     }
-    body = re.sub(r"^(IPV indicators|No IPV indicators counted; set aside|No IPV indicators "
-                  r"found)[:.]?\s*", "", verdict.rationale)
+    body = re.sub(
+        r"^(IPV indicators|No IPV indicators counted; set aside|No IPV indicators "
+        r"found)[:.]?\s*",
+        "",
+        verdict.rationale,
+    )
     for part in re.split(r"[.;:]\s*|Set aside", body):
         assert not part.strip() or part.strip() in vocabulary, part
 
@@ -278,8 +283,7 @@ def test_trie_rewrite_keeps_the_meaning(lexicon):
     texts = [text.lower() for text, _ in POSITIVES] + [t.lower() for t, _ in HARD_NEGATIVES]
     for _ in range(40):
         inc = Incident(rng, female_rate=0.5)
-        texts.append(inc.narrative("cme", special=[positive_template(rng, subtle_rate=0)],
-                                   length=(600, 1500)).lower())
+        texts.append(inc.narrative("cme", special=[positive_template(rng, subtle_rate=0)], length=(600, 1500)).lower())
     found = 0
     for text in texts:
         expected = [m.span() for m in plain.finditer(text)]
@@ -339,7 +343,7 @@ def test_load_is_memoised_on_content(tmp_path):
 
 
 def _dotted(key: str) -> str:
-    """"indirect_indicators.1.label" as the loader spells it: "indirect_indicators[1].label"."""
+    """ "indirect_indicators.1.label" as the loader spells it: "indirect_indicators[1].label"."""
     return re.sub(r"\.(\d+)", r"[\1]", key)
 
 

@@ -535,8 +535,19 @@ def test_cli_prints_one_line_and_refuses_public_hosts() -> None:
     assert "loopback" in refused.stderr
     assert refused.stdout == ""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "narr_assets.testing.server", "--port", "0", "--latency", "0.1",
-         "--config", '{"rate_limit": 0.1}', "--seed", "0"],
+        [
+            sys.executable,
+            "-m",
+            "narr_assets.testing.server",
+            "--port",
+            "0",
+            "--latency",
+            "0.1",
+            "--config",
+            '{"rate_limit": 0.1}',
+            "--seed",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

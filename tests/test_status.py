@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from conftest import write_experiment, write_long_csv
+
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, classify_batches
 from narr_assets.experiments import load_experiment
@@ -20,7 +21,9 @@ def test_eta_uses_active_time_and_ignores_downtime(project, server):
     before = experiment_status(store, cfg)
     assert before["remaining_calls"] == 98 and before["eta_s"] is None and before["batches_missing"] == 4
     server.configure(latency_s=0.02)
-    summary = classify_batches(cfg, store, batches[:2], journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir())
+    summary = classify_batches(
+        cfg, store, batches[:2], journal_dir=settings.journal_dir(), locks_dir=settings.locks_dir()
+    )
     store.log_run(summary)
     time.sleep(1.0)  # "downtime" between runs must not slow the measured rate
     st = experiment_status(store, cfg)

@@ -70,10 +70,10 @@ from typing import Any
 __all__ = [
     "ANSWER_STYLES",
     "DEFAULT_MODEL",
-    "FakeOpenAIServer",
-    "FaultConfig",
     "OUTCOMES",
     "REFUSAL_TEXT",
+    "FakeOpenAIServer",
+    "FaultConfig",
     "ServerHandle",
     "Stats",
     "extract_narrative",
