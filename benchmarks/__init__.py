@@ -1,1 +1,1 @@
-"""Benchmarks of narr_assets (not tests): run `python benchmarks/run.py [--quick]`."""
+"""Benchmarks of narr_assets (not tests): run `python -m benchmarks.run [--quick]` from the project root."""

@@ -15,10 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pandas as pd
+from openai.types.chat import ChatCompletionMessageParam
 
 from narr_assets.classify import WorkItem
 from narr_assets.experiments import ExperimentConfig, build_messages, load_experiment
@@ -125,9 +126,12 @@ async def bare_loop(
     Returns:
         The number of answers with content.
     """
-    extra = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
     client = openai.AsyncOpenAI(
-        base_url=cfg.model.base_url, api_key="not-needed", max_retries=0, timeout=cfg.run.timeout_s, **extra
+        base_url=cfg.model.base_url,
+        api_key="not-needed",
+        max_retries=0,
+        timeout=cfg.run.timeout_s,
+        http_client=openai.DefaultAioHttpClient() if aiohttp else None,
     )
     semaphore = asyncio.Semaphore(concurrency)
     params = request_params(cfg)
@@ -135,11 +139,14 @@ async def bare_loop(
     async def one(text: str) -> str | None:
         async with semaphore:
             if post:
-                body = await client.post(
+                answer = await client.post(
                     "/chat/completions", body={"messages": build_messages(cfg, text), **params}, cast_to=object
                 )
+                body = cast("dict[str, Any]", answer)  # the parsed JSON body, as is
                 return body["choices"][0]["message"]["content"]
-            completion = await client.chat.completions.create(messages=build_messages(cfg, text), **params)
+            # build_messages gives plain {"role", "content"} dicts: valid message params
+            messages = cast("list[ChatCompletionMessageParam]", build_messages(cfg, text))
+            completion = await client.chat.completions.create(messages=messages, **params)
             return completion.choices[0].message.content
 
     try:

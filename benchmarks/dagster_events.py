@@ -1,7 +1,7 @@
 """Dagster's own cost per partition: a no-op asset materialised over N partitions in one run.
 
-    .venv/bin/python benchmarks/dagster_events.py                     # SQLite instance (the default)
-    .venv/bin/python benchmarks/dagster_events.py --instance pg.yaml  # and an instance of your own
+    .venv/bin/python -m benchmarks.dagster_events                     # SQLite instance (the default)
+    .venv/bin/python -m benchmarks.dagster_events --instance pg.yaml  # and an instance of your own
 
 Dagster writes one `ASSET_MATERIALIZATION_PLANNED` event per partition when the run is
 created and one `ASSET_MATERIALIZATION` per partition when the step ends, whatever the asset
@@ -21,9 +21,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg
 

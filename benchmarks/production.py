@@ -29,22 +29,22 @@ from benchmarks.common import (
     write_experiment,
 )
 from narr_assets.classify import run_engine, work_items
-from narr_assets.experiments import load_experiment
-from narr_assets.generate import generate_production
+from narr_assets.corpus import build_narratives
+from narr_assets.experiments import ExperimentConfig, load_experiment
 from narr_assets.ingest import read_source
 from narr_assets.llm import RulesBackend
 from narr_assets.narratives import assign_batches, clean_narratives
-from narr_assets.pipeline import build_narratives
 from narr_assets.rules import classify, load_lexicon
 from narr_assets.store import Store
-from narr_assets.testing.server import serve_in_subprocess
+from narr_assets.testing.generate import generate_production
+from narr_assets.testing.server import ServerHandle, serve_in_subprocess
 
 RULES_EXPERIMENT = PROJECT_ROOT / "configs" / "experiments" / "rules.yaml"
 TIME_BIN = Path("/usr/bin/time")
 
 
 def generate(workdir: Path, n_incidents: int) -> dict[str, Any]:
-    """Write the production-shaped xlsx with `narr_assets.generate` (seed 0) and time it."""
+    """Write the production-shaped xlsx with `narr_assets.testing.generate` (seed 0) and time it."""
     path = workdir / f"production_{n_incidents}.xlsx"
     with Timed() as t:
         stats = generate_production(path, n_incidents=n_incidents, seed=0)
@@ -101,9 +101,8 @@ def run_ingestion(source: Path, workdir: Path, reps: int, log: Callable[[str], N
             "batches": len(batches),
             **{k: int(v) for k, v in result.stats.items()},
         }
-        log(
-            f"  ingestion rep {rep + 1}/{reps}: total {times['total (read_source + replace_raw + build_narratives)']:.2f} s"
-        )
+        total = times["total (read_source + replace_raw + build_narratives)"]
+        log(f"  ingestion rep {rep + 1}/{reps}: total {total:.2f} s")
     with Timed() as t:
         read_source(source, engine="openpyxl")
     stages = {k: median([r[k] for r in runs]) for k in runs[0]}
@@ -248,96 +247,24 @@ def run_end_to_end(
         extra_env: Extra environment for the `narr` processes (e.g. `NARR_BATCH_SIZE`).
     """
     root = workdir / "e2e"
-    if root.exists():
-        shutil.rmtree(root)
-    (root / "dagster_home").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "NARR_SOURCE": str(source),
-        "NARR_DB": str(root / "narr.duckdb"),
-        "NARR_DATA_DIR": str(root),
-        "NARR_EXPERIMENTS": str(root / "experiments"),
-        "DAGSTER_HOME": str(root / "dagster_home"),
-        **(extra_env or {}),
-    }
+    env = _e2e_env(root, source, extra_env)
     name = "bench_llm"
     server = serve_in_subprocess(latency_s=LATENCY_S)
     try:
-        write_experiment(root / "experiments", name, server.base_url, concurrency)
-        cfg = load_experiment(root / "experiments" / f"{name}.yaml")
-        startup = _run_cli(["experiments"], env, root / "experiments.log")
-        log(f"  e2e: narr experiments (start-up only) {startup['wall_s']:.1f} s; narr ingest ...")
-        ingest = _run_cli(["ingest"], env, root / "ingest.log")
-        con = duckdb.connect(str(root / "narr.duckdb"), read_only=True)
-        try:
-            texts = [
-                r[0]
-                for r in con.execute(
-                    "SELECT narrative_text FROM narratives WHERE NOT is_placeholder ORDER BY batch_id, incident_id, narrative_type"
-                ).fetchall()
-            ]
-        finally:
-            con.close()
-        half = len(texts) // 2
-        log(f"  e2e: narr ingest {ingest['wall_s']:.1f} s; bare loops, first {half:,} requests ...")
-        bare_parts = []
-        for part in (texts[:half], None, texts[half:]):
-            if part is None:
-                log(f"  e2e: narr run {name} (concurrency {concurrency}) ...")
-                load_before = loadavg()
-                server.reset()
-                run = _run_cli(["run", name], env, root / "run.log")
-                stats = server.stats()
-                load_after = loadavg()
-                log(
-                    f"  e2e: narr run {run['wall_s']:.1f} s, {stats['completions_ok']:,} calls; "
-                    f"bare loops, last {len(texts) - half:,} requests ..."
-                )
-                continue
-            for fast in (False, True):
-                server.reset()
-                with Timed() as t:
-                    answered = asyncio.run(bare_loop(cfg, part, concurrency, post=fast, aiohttp=fast))
-                if answered != len(part):
-                    raise RuntimeError(f"bare loop answered {answered} of {len(part)}")
-                bare_parts.append({"n": len(part), "fast": fast, "wall_s": t.wall_s, "cpu_s": t.cpu_s})
+        measured = _e2e_measure(server, root, env, name, concurrency, log)
     finally:
         server.stop()
     finished = re.search(r"narr: finished in ([\d.]+) s", (root / "run.log").read_text())
-    con = duckdb.connect(str(root / "narr.duckdb"), read_only=True)
-    try:
-        narratives = con.execute(
-            "SELECT count(*), count(*) FILTER (WHERE is_placeholder), count(DISTINCT batch_id) FROM narratives"
-        ).fetchone()
-        statuses = dict(con.execute("SELECT status, count(*) FROM classification_rows GROUP BY 1").fetchall())
-        active = con.execute("SELECT sum(active_seconds) FROM run_log WHERE experiment = ?", [name]).fetchone()[0]
-    finally:
-        con.close()
-
+    narratives, statuses, active = _e2e_store_facts(root / "narr.duckdb", name)
     runs = _dagster_runs(root / "dagster_home")
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        # `dg.materialize` runs carry no asset selection: their step keys tell what they did.
-        steps = list(r["steps_s"])
-        kind = (
-            "classification"
-            if any(s.endswith("__classifications") for s in steps)
-            else "metrics"
-            if any(s.endswith("__metrics") for s in steps)
-            else "ingest"
-        )
-        by_kind.setdefault(kind, []).append(r)
+    by_kind = _runs_by_kind(runs)
     if len(by_kind.get("classification", [])) != 1:
         raise RuntimeError(f"expected one classification run, got {[list(r['steps_s']) for r in runs]}")
     class_run = by_kind["classification"][0]
+    stats, run = measured["stats"], measured["run"]
     calls = stats["chat_requests"]
-    if calls != len(texts):
-        raise RuntimeError(f"narr run made {calls} calls, the bare loop {len(texts)}")
-    stage = class_run["created_to_end_s"]
-    bare_s = sum(p["wall_s"] for p in bare_parts if not p["fast"])
-    bare_cpu = sum(p["cpu_s"] for p in bare_parts if not p["fast"])
-    fast_s = sum(p["wall_s"] for p in bare_parts if p["fast"])
-    ideal = calls * LATENCY_S / concurrency
+    if calls != measured["requests"]:
+        raise RuntimeError(f"narr run made {calls} calls, the bare loop {measured['requests']}")
     events = class_run["events"]
     return {
         "concurrency": concurrency,
@@ -350,22 +277,154 @@ def run_end_to_end(
         "completions_ok": stats["completions_ok"],
         "max_in_flight": stats["max_in_flight"],
         "statuses": statuses,
-        "startup_cli": startup,
-        "ingest_cli": ingest,
+        "startup_cli": measured["startup"],
+        "ingest_cli": measured["ingest"],
         "run_cli": {**run, "reported_finished_s": float(finished.group(1)) if finished else None},
-        "loadavg_during_run": [load_before, load_after],
+        "loadavg_during_run": measured["loadavg"],
         "dagster_runs": runs,
         "dagster_run_count": len(runs),
-        "classification_stage_s": stage,
+        "classification_stage_s": class_run["created_to_end_s"],
         "classification_run_s": class_run["duration_s"],
         "planned_events": events.get("ASSET_MATERIALIZATION_PLANNED", {"count": 0, "span_s": 0.0}),
         "materialization_events": events.get("ASSET_MATERIALIZATION", {"count": 0, "span_s": 0.0}),
         "engine_active_s": active,
         "metrics_run_s": sum(r["duration_s"] or 0 for r in by_kind.get("metrics", [])),
+        "bare_parts": measured["bare_parts"],
+        **_e2e_rates(measured, calls, concurrency, class_run["created_to_end_s"], active),
+    }
+
+
+def _e2e_env(root: Path, source: Path, extra_env: dict[str, str] | None) -> dict[str, str]:
+    """A fresh `root` (with its `dagster_home/`) and the environment of the `narr` processes."""
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "dagster_home").mkdir(parents=True)
+    return {
+        **os.environ,
+        "NARR_SOURCE": str(source),
+        "NARR_DB": str(root / "narr.duckdb"),
+        "NARR_DATA_DIR": str(root),
+        "NARR_EXPERIMENTS": str(root / "experiments"),
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        **(extra_env or {}),
+    }
+
+
+def _e2e_measure(
+    server: ServerHandle, root: Path, env: dict[str, str], name: str, concurrency: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """`narr experiments`, `narr ingest`, then the bare loops around `narr run` (half before, half after)."""
+    write_experiment(root / "experiments", name, server.base_url, concurrency)
+    cfg = load_experiment(root / "experiments" / f"{name}.yaml")
+    startup = _run_cli(["experiments"], env, root / "experiments.log")
+    log(f"  e2e: narr experiments (start-up only) {startup['wall_s']:.1f} s; narr ingest ...")
+    ingest = _run_cli(["ingest"], env, root / "ingest.log")
+    texts = _texts_to_send(root / "narr.duckdb")
+    half = len(texts) // 2
+    log(f"  e2e: narr ingest {ingest['wall_s']:.1f} s; bare loops, first {half:,} requests ...")
+    bare_parts = _bare_parts(server, cfg, texts[:half], concurrency)
+    log(f"  e2e: narr run {name} (concurrency {concurrency}) ...")
+    load_before = loadavg()
+    server.reset()
+    run = _run_cli(["run", name], env, root / "run.log")
+    stats = server.stats()
+    load_after = loadavg()
+    log(
+        f"  e2e: narr run {run['wall_s']:.1f} s, {stats['completions_ok']:,} calls; "
+        f"bare loops, last {len(texts) - half:,} requests ..."
+    )
+    bare_parts += _bare_parts(server, cfg, texts[half:], concurrency)
+    return {
+        "startup": startup,
+        "ingest": ingest,
+        "run": run,
+        "stats": stats,
+        "loadavg": [load_before, load_after],
         "bare_parts": bare_parts,
+        "requests": len(texts),
+    }
+
+
+def _texts_to_send(db: Path) -> list[str]:
+    """The non-placeholder narratives, i.e. what `narr run` asks, in batch order."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return [
+            r[0]
+            for r in con.execute(
+                "SELECT narrative_text FROM narratives WHERE NOT is_placeholder "
+                "ORDER BY batch_id, incident_id, narrative_type"
+            ).fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def _bare_parts(
+    server: ServerHandle, cfg: ExperimentConfig, texts: list[str], concurrency: int
+) -> list[dict[str, Any]]:
+    """The reference bare loop, then the fastest one, over `texts` (the server's counters reset before each)."""
+    parts = []
+    for fast in (False, True):
+        server.reset()
+        with Timed() as t:
+            answered = asyncio.run(bare_loop(cfg, texts, concurrency, post=fast, aiohttp=fast))
+        if answered != len(texts):
+            raise RuntimeError(f"bare loop answered {answered} of {len(texts)}")
+        parts.append({"n": len(texts), "fast": fast, "wall_s": t.wall_s, "cpu_s": t.cpu_s})
+    return parts
+
+
+def _e2e_store_facts(db: Path, name: str) -> tuple[tuple[Any, ...], dict[str, int], float]:
+    """(narratives, placeholders, batches), rows by status, and the engine's active seconds."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        narratives = _one_row(
+            con, "SELECT count(*), count(*) FILTER (WHERE is_placeholder), count(DISTINCT batch_id) FROM narratives"
+        )
+        statuses = dict(con.execute("SELECT status, count(*) FROM classification_rows GROUP BY 1").fetchall())
+        active = _one_row(con, "SELECT sum(active_seconds) FROM run_log WHERE experiment = ?", [name])[0]
+    finally:
+        con.close()
+    return narratives, statuses, active
+
+
+def _one_row(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> tuple[Any, ...]:
+    """The single row of an aggregate query."""
+    row = con.execute(sql, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {sql!r}")
+    return row
+
+
+def _runs_by_kind(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Dagster runs grouped as "classification", "metrics" or "ingest"."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        # `dg.materialize` runs carry no asset selection: their step keys tell what they did.
+        steps = list(r["steps_s"])
+        kind = (
+            "classification"
+            if any(s.endswith("__classifications") for s in steps)
+            else "metrics"
+            if any(s.endswith("__metrics") for s in steps)
+            else "ingest"
+        )
+        by_kind.setdefault(kind, []).append(r)
+    return by_kind
+
+
+def _e2e_rates(measured: dict[str, Any], calls: int, concurrency: int, stage: float, active: float) -> dict[str, Any]:
+    """Rates and overheads of the classification stage against the bare loops and the ideal."""
+    bare_parts, run, n = measured["bare_parts"], measured["run"], measured["requests"]
+    bare_s = sum(p["wall_s"] for p in bare_parts if not p["fast"])
+    bare_cpu = sum(p["cpu_s"] for p in bare_parts if not p["fast"])
+    fast_s = sum(p["wall_s"] for p in bare_parts if p["fast"])
+    ideal = calls * LATENCY_S / concurrency
+    return {
         "bare_s": bare_s,
         "bare_cpu_s": bare_cpu,
-        "bare_rate": len(texts) / bare_s,
+        "bare_rate": n / bare_s,
         "pipeline_rate": calls / stage,
         "ideal_s": ideal,
         "overhead_vs_ideal": (stage - ideal) / stage,

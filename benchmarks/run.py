@@ -1,7 +1,7 @@
 """Run every benchmark, print markdown tables and write `benchmarks/results/latest.json`.
 
-    .venv/bin/python benchmarks/run.py            # full: 8-12 minutes on 2 cores
-    .venv/bin/python benchmarks/run.py --quick    # reduced sizes: about 1 minute
+    .venv/bin/python -m benchmarks.run            # full: 8-12 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run --quick    # reduced sizes: about 1 minute
 
 Sections: classification throughput (bare `AsyncOpenAI` loop vs the engine at several
 concurrencies against the test server in a subprocess, fixed latency 0.1 s), a breakdown
@@ -21,10 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `narr_assets` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from typing import Any, TypedDict
 
 from benchmarks.common import LATENCY_S, PROJECT_ROOT, loadavg, machine_facts, md_table
 from benchmarks.production import generate, run_end_to_end, run_ingestion, run_rules
@@ -34,8 +31,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "breakdown", "ingestion", "rules", "e2e")
 MIB_PER_GIB = 1024.0
 
+
+class Sizes(TypedDict):
+    """How much each section measures."""
+
+    points: list[tuple[int, int]]  # (concurrency, narratives) per throughput point
+    reps: int
+    breakdown_n: int
+    breakdown_reps: int
+    incidents: int  # rows of the generated production-shaped file
+    ingest_reps: int
+
+
 # (concurrency, narratives) per point: about 4-5 s per measurement at full size on 2 cores.
-FULL = {
+FULL: Sizes = {
     "points": [(1, 40), (8, 400), (32, 1000), (64, 1200)],
     "reps": 3,
     "breakdown_n": 800,
@@ -43,7 +52,7 @@ FULL = {
     "incidents": 20946,
     "ingest_reps": 3,
 }
-QUICK = {
+QUICK: Sizes = {
     "points": [(1, 15), (8, 120), (32, 300), (64, 400)],
     "reps": 2,
     "breakdown_n": 300,
@@ -52,7 +61,7 @@ QUICK = {
     "ingest_reps": 2,
 }
 # Every code path once, tiny sizes: a test runs this so the benchmarks cannot rot unseen.
-SMOKE = {
+SMOKE: Sizes = {
     "points": [(1, 4), (8, 24), (32, 64), (64, 96)],
     "reps": 1,
     "breakdown_n": 64,
@@ -194,7 +203,8 @@ def e2e_tables(res: dict[str, Any]) -> str:
             [f"      {mats['count']:,} `ASSET_MATERIALIZATION` events (after the engine)", mats["span_s"]],
             ["  metrics Dagster run", res["metrics_run_s"]],
             [
-                f"bare loop, same {res['calls']:,} requests, concurrency {res['concurrency']} (half before, half after)",
+                f"bare loop, same {res['calls']:,} requests, concurrency {res['concurrency']} "
+                "(half before, half after)",
                 res["bare_s"],
             ],
             [
@@ -287,7 +297,7 @@ def targets(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 # --- main --------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes and repetitions (about 1 minute)")
     parser.add_argument(
@@ -307,94 +317,91 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
-    args = parser.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    sizes = dict({"smoke": SMOKE, "quick": QUICK, "full": FULL}[mode])
-    if args.incidents:
-        sizes["incidents"] = args.incidents
-    extra_env = dict(item.split("=", 1) for item in args.e2e_env)
-    sections = args.only or list(SECTIONS)
-    workdir = Path(tempfile.mkdtemp(prefix="narr-bench-"))
-    started = time.time()
-    results: dict[str, Any] = {
-        "command": " ".join(
-            [Path(sys.executable).name, "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "mode": mode,
-        "sizes": sizes,
-        "latency_s": LATENCY_S,
-        "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
-        "git": git_revision(),
-        "machine": machine_facts(),
-        "loadavg_start": loadavg(),
-    }
-    log(f"benchmarks ({results['mode']}) in {workdir}; load average {results['loadavg_start']}")
-    out: list[str] = []
-    section_s: dict[str, float] = {}
-    results["section_seconds"] = section_s
-    mark = time.monotonic()
+    return parser
 
-    def lap(name: str) -> None:
-        nonlocal mark
-        section_s[name] = round(time.monotonic() - mark, 1)
-        mark = time.monotonic()
 
-    try:
-        if "throughput" in sections:
-            log("throughput: bare loop vs engine ...")
-            results["throughput"] = run_throughput(workdir / "throughput", sizes["points"], sizes["reps"], log)
-            out.append(
-                f"## Classification throughput (test server in a subprocess, latency {LATENCY_S} s, "
-                f"median of {sizes['reps']})\n\n" + throughput_table(results["throughput"])
-            )
-            lap("throughput")
-        if "breakdown" in sections:
-            log("breakdown: engine variants at concurrency 32 ...")
-            results["breakdown"] = run_breakdown(
-                workdir / "breakdown", 32, sizes["breakdown_n"], sizes["breakdown_reps"], log
-            )
-            out.append(
-                f"## Engine cost breakdown (concurrency 32, {sizes['breakdown_n']} narratives, "
-                f"median of {sizes['breakdown_reps']})\n\n" + breakdown_table(results["breakdown"])
-            )
-            lap("breakdown")
-        if {"ingestion", "rules", "e2e"} & set(sections):
-            log(f"generating the production-shaped file ({sizes['incidents']:,} rows) ...")
-            results["generate"] = generate(workdir, sizes["incidents"])
-            source = Path(results["generate"]["path"])
-            ingest_dir = workdir / "ingestion"
-            ingest_dir.mkdir()
-            log("ingestion ...")
-            results["ingestion"] = run_ingestion(source, ingest_dir, sizes["ingest_reps"], log)
-            lap("generate + ingestion")
-            if "ingestion" in sections:
-                c = results["ingestion"]["counts"]
-                out.append(
-                    f"## Ingestion ({sizes['incidents']:,} rows -> {c['narratives']:,} narratives, "
-                    f"{c['placeholders']:,} placeholders, {c['batches']} batches; median of "
-                    f"{sizes['ingest_reps']})\n\n" + ingestion_table(results["ingestion"], results["generate"])
-                )
-            if "rules" in sections:
-                log("rules backend ...")
-                results["rules"] = run_rules(ingest_dir / "ingest_r0.duckdb", workdir, log)
-                out.append("## `rules` backend\n\n" + rules_table(results["rules"]))
-                lap("rules")
-            if "e2e" in sections:
-                log(f"end to end through the CLI (concurrency {args.e2e_concurrency}) ...")
-                results["e2e"] = run_end_to_end(source, workdir, args.e2e_concurrency, log, extra_env)
-                env_note = f", env {' '.join(args.e2e_env)}" if args.e2e_env else ""
-                out.append(
-                    f"## End to end: `narr ingest` + `narr run` ({sizes['incidents']:,} rows, concurrency "
-                    f"{args.e2e_concurrency}, latency {LATENCY_S} s{env_note})\n\n" + e2e_tables(results["e2e"])
-                )
-                lap("e2e")
-    finally:
-        results["loadavg_end"] = loadavg()
-        results["seconds"] = round(time.time() - started, 1)
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+class _Laps:
+    """Wall seconds per section since the previous lap, kept in `results["section_seconds"]`."""
+
+    def __init__(self, results: dict[str, Any]):
+        self.seconds: dict[str, float] = {}
+        results["section_seconds"] = self.seconds
+        self.mark = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        self.seconds[name] = round(time.monotonic() - self.mark, 1)
+        self.mark = time.monotonic()
+
+
+def _llm_sections(sections: list[str], sizes: Sizes, workdir: Path, results: dict[str, Any], lap: _Laps) -> list[str]:
+    """The throughput and breakdown sections (against the test server): their markdown."""
+    out = []
+    if "throughput" in sections:
+        log("throughput: bare loop vs engine ...")
+        results["throughput"] = run_throughput(workdir / "throughput", sizes["points"], sizes["reps"], log)
+        out.append(
+            f"## Classification throughput (test server in a subprocess, latency {LATENCY_S} s, "
+            f"median of {sizes['reps']})\n\n" + throughput_table(results["throughput"])
+        )
+        lap("throughput")
+    if "breakdown" in sections:
+        log("breakdown: engine variants at concurrency 32 ...")
+        results["breakdown"] = run_breakdown(
+            workdir / "breakdown", 32, sizes["breakdown_n"], sizes["breakdown_reps"], log
+        )
+        out.append(
+            f"## Engine cost breakdown (concurrency 32, {sizes['breakdown_n']} narratives, "
+            f"median of {sizes['breakdown_reps']})\n\n" + breakdown_table(results["breakdown"])
+        )
+        lap("breakdown")
+    return out
+
+
+def _production_sections(
+    args: argparse.Namespace,
+    sections: list[str],
+    sizes: Sizes,
+    workdir: Path,
+    results: dict[str, Any],
+    lap: _Laps,
+    extra_env: dict[str, str],
+) -> list[str]:
+    """Generation and ingestion of the production-shaped file, then the `rules` and e2e sections."""
+    out = []
+    log(f"generating the production-shaped file ({sizes['incidents']:,} rows) ...")
+    results["generate"] = generate(workdir, sizes["incidents"])
+    source = Path(results["generate"]["path"])
+    ingest_dir = workdir / "ingestion"
+    ingest_dir.mkdir()
+    log("ingestion ...")
+    results["ingestion"] = run_ingestion(source, ingest_dir, sizes["ingest_reps"], log)
+    lap("generate + ingestion")
+    if "ingestion" in sections:
+        c = results["ingestion"]["counts"]
+        out.append(
+            f"## Ingestion ({sizes['incidents']:,} rows -> {c['narratives']:,} narratives, "
+            f"{c['placeholders']:,} placeholders, {c['batches']} batches; median of "
+            f"{sizes['ingest_reps']})\n\n" + ingestion_table(results["ingestion"], results["generate"])
+        )
+    if "rules" in sections:
+        log("rules backend ...")
+        results["rules"] = run_rules(ingest_dir / "ingest_r0.duckdb", workdir, log)
+        out.append("## `rules` backend\n\n" + rules_table(results["rules"]))
+        lap("rules")
+    if "e2e" in sections:
+        log(f"end to end through the CLI (concurrency {args.e2e_concurrency}) ...")
+        results["e2e"] = run_end_to_end(source, workdir, args.e2e_concurrency, log, extra_env)
+        env_note = f", env {' '.join(args.e2e_env)}" if args.e2e_env else ""
+        out.append(
+            f"## End to end: `narr ingest` + `narr run` ({sizes['incidents']:,} rows, concurrency "
+            f"{args.e2e_concurrency}, latency {LATENCY_S} s{env_note})\n\n" + e2e_tables(results["e2e"])
+        )
+        lap("e2e")
+    return out
+
+
+def _write_report(args: argparse.Namespace, results: dict[str, Any], out: list[str]) -> None:
+    """Add the targets and the title, print the markdown, write the JSON and markdown files."""
     table, verdicts = targets(results)
     results["targets"] = verdicts
     out.append("## Targets\n\n" + table)
@@ -410,6 +417,45 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=2, default=str))
     args.out.with_suffix(".md").write_text("\n\n".join(out) + "\n")
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = {"smoke": SMOKE, "quick": QUICK, "full": FULL}[mode].copy()
+    if args.incidents:
+        sizes["incidents"] = args.incidents
+    extra_env = dict(item.split("=", 1) for item in args.e2e_env)
+    sections = args.only or list(SECTIONS)
+    workdir = Path(tempfile.mkdtemp(prefix="narr-bench-"))
+    started = time.time()
+    results: dict[str, Any] = {
+        "command": " ".join(
+            [Path(sys.executable).name, "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "mode": mode,
+        "sizes": sizes,
+        "latency_s": LATENCY_S,
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
+        "git": git_revision(),
+        "machine": machine_facts(),
+        "loadavg_start": loadavg(),
+    }
+    log(f"benchmarks ({results['mode']}) in {workdir}; load average {results['loadavg_start']}")
+    lap = _Laps(results)
+    out: list[str] = []
+    try:
+        out += _llm_sections(sections, sizes, workdir, results, lap)
+        if {"ingestion", "rules", "e2e"} & set(sections):
+            out += _production_sections(args, sections, sizes, workdir, results, lap, extra_env)
+    finally:
+        results["loadavg_end"] = loadavg()
+        results["seconds"] = round(time.time() - started, 1)
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    _write_report(args, results, out)
     return 0
 
 

@@ -24,12 +24,12 @@ from benchmarks.common import (
 )
 from narr_assets.classify import run_engine
 from narr_assets.experiments import ExperimentConfig
-from narr_assets.generate import generate_production
 from narr_assets.ingest import read_source
 from narr_assets.journal import Journal
 from narr_assets.llm import OpenAIBackend
 from narr_assets.narratives import placeholder_mask
 from narr_assets.store import Store
+from narr_assets.testing.generate import generate_production
 from narr_assets.testing.server import ServerHandle, serve_in_subprocess
 
 
@@ -39,7 +39,7 @@ def sample_texts(workdir: Path) -> tuple[list[str], str]:
     generate_production(path, n_incidents=600, seed=1)
     texts = read_source(path).frame["narrative_text"].dropna().str.strip()
     texts = texts[texts != ""]
-    return list(texts[~placeholder_mask(texts)]), "narr_assets.generate (600 incidents, seed 1)"
+    return list(texts[~placeholder_mask(texts)]), "narr_assets.testing.generate (600 incidents, seed 1)"
 
 
 def _server_check(server: ServerHandle, n: int) -> dict[str, int]:

@@ -37,14 +37,20 @@ class Runner:
         import dagster as dg
 
         from narr_assets.definitions import build_definitions
+        from narr_assets.defs.resources import NarrSettings
 
         _ensure_dagster_home()
         self.dg = dg
-        self.defs = build_definitions()
+        self.settings = NarrSettings.from_env()
+        self.defs = build_definitions(settings=self.settings)
         self.instance = dg.DagsterInstance.get()
         self.assets = [a for a in self.defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
         self.checks = list(self.defs.asset_checks or [])
         self.fail_orphaned_runs()
+
+    def op_name(self, key) -> str:
+        """The op that materialises `key` (run config is keyed by op name)."""
+        return self.defs.get_assets_def(key).op.name
 
     def fail_orphaned_runs(self) -> None:
         """Mark runs of `narr` processes that died (kill -9, power cut) as failed.
@@ -89,9 +95,7 @@ class Runner:
                 if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
                     err = event.step_failure_data.error
                     message = (
-                        err.cause.message
-                        if getattr(err, "cause", None) and "Failure" not in err.message
-                        else err.message
+                        err.cause.message if err.cause is not None and "Failure" not in err.message else err.message
                     )
                     print(f"narr: step {event.step_key} failed: {message.strip()}", file=sys.stderr)
         return result.success
@@ -134,12 +138,13 @@ def _store():
 
 def ingest_if_needed(runner: Runner, force: bool = False) -> bool:
     """Re-ingest when the source file is not what the database was built from."""
-    from narr_assets.ingest import file_checksum
+    from narr_assets.defs.ingest import INGEST_KEYS
 
-    path = settings.source_path()
-    if not path.is_file():
+    path = runner.settings.source_path
+    current = runner.settings.source_checksum()
+    if current is None:
         raise SystemExit(f"narr: source file not found: {path} (set NARR_SOURCE)")
-    current, stored = file_checksum(path), _store().current_checksum()
+    stored = _store().current_checksum()
     if not force and current == stored:
         return True
     why = (
@@ -148,18 +153,16 @@ def ingest_if_needed(runner: Runner, force: bool = False) -> bool:
         else ("forced" if force else "the source file changed since the last ingestion")
     )
     print(f"narr: ingesting {path} ({why})")
-    return runner.materialize([_key("raw_narratives"), _key("narratives"), _key("narrative_batches")])
+    return runner.materialize(INGEST_KEYS)
 
 
 def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: Sequence[str] | None = None) -> bool:
     """Materialise the missing (and with --retry-errors, erroneous) partitions in one run."""
-    from narr_assets.pipeline import partition_state
+    from narr_assets.status import partition_state
 
     state = partition_state(_store(), cfg)
-    run_config = {
-        "ops": {f"{cfg.name}__classifications": {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}
-    }
     key = _key(cfg.name, "classifications")
+    run_config = {"ops": {runner.op_name(key): {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}}
     if partitions:
         # Exactly these partitions: one run per contiguous stretch, so no run touches (or
         # locks) a batch that was not asked for - other processes may be working on those.
@@ -175,7 +178,8 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
     todo = state.to_run(retry_errors)
     if not todo:
         print(
-            f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; nothing to do"
+            f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; "
+            "nothing to do"
         )
         return True
     # One run over the range spanning every batch to do keeps the endpoint busy across
@@ -241,7 +245,7 @@ def _all_experiments():
 
 def _print_status(configs) -> None:
     from narr_assets.classify import format_duration
-    from narr_assets.pipeline import experiment_status
+    from narr_assets.status import experiment_status
 
     store = _store()
     print(f"database: {store.path}")
@@ -272,12 +276,12 @@ def _print_status(configs) -> None:
 def _dagster_failed_partitions(configs) -> dict[str, list[str]]:
     import dagster as dg
 
-    from narr_assets.assets import batch_partitions
+    from narr_assets.defs.ingest import BATCH_PARTITIONS, batch_partitions
 
     out: dict[str, list[str]] = {}
     try:
         instance = dg.DagsterInstance.get()
-        keys = instance.get_dynamic_partitions(batch_partitions.name)
+        keys = instance.get_dynamic_partitions(BATCH_PARTITIONS)
         for cfg in configs:
             statuses = instance.get_status_by_partition(_key(cfg.name, "classifications"), keys, batch_partitions)
             out[cfg.name] = [k for k, s in (statuses or {}).items() if s == dg.AssetPartitionStatus.FAILED]

@@ -1,38 +1,41 @@
-"""The one entry point: assembles `Definitions` from the modules and the experiment files.
+"""The one entry point: merges the Dagster layer (`narr_assets/defs/`) into one `Definitions`.
 
 Loaded lazily (`@dg.definitions`), so importing this module reads no environment variable,
 opens no database and parses no YAML; Dagster calls `defs()` when it loads the code location.
 """
 
+from __future__ import annotations
+
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from narr_assets import settings
-from narr_assets.assets import build_experiment_assets, narrative_batches, narratives, raw_narratives, source_file
-from narr_assets.assets_eval import build_cross_experiment_assets
-from narr_assets.checks import build_experiment_checks, ingest_checks
-from narr_assets.experiments import load_experiments
-from narr_assets.sensors import source_file_sensor
+from narr_assets.defs.comparison import build_comparison_defs
+from narr_assets.defs.experiment import build_experiment_defs
+from narr_assets.defs.ingest import ingest_defs
+from narr_assets.defs.resources import NarrSettings, duckdb_resource
+from narr_assets.experiments import ExperimentConfig, load_experiments
 
 
-def build_definitions() -> dg.Definitions:
-    experiments = load_experiments()
-    assets: list = [source_file, raw_narratives, narratives, narrative_batches]
-    checks: list = list(ingest_checks)
-    for cfg in experiments:
-        classifications, metrics = build_experiment_assets(cfg)
-        assets += [classifications, metrics]
-        checks += build_experiment_checks(cfg, classifications)
-    assets += build_cross_experiment_assets(experiments)
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        sensors=[source_file_sensor],
-        # Steps of one run are a chain (ingest -> batches -> classify); a process per step
-        # would re-import pandas/DuckDB/Dagster each time (seconds per step) for no parallelism.
-        # Concurrency lives inside the classification step, in one async work queue.
-        executor=dg.in_process_executor,
-        resources={"duckdb": DuckDBResource(database=str(settings.db_path()))},
+def build_definitions(
+    settings: NarrSettings | None = None, experiments: list[ExperimentConfig] | None = None
+) -> dg.Definitions:
+    """Every asset, check, sensor and resource of the project.
+
+    Args:
+        settings: The `settings` resource; built from the `NARR_*` variables when omitted.
+        experiments: The experiments to define; those of `NARR_EXPERIMENTS` when omitted.
+    """
+    experiments = load_experiments() if experiments is None else experiments
+    return dg.Definitions.merge(
+        ingest_defs(),
+        *(build_experiment_defs(cfg) for cfg in experiments),
+        build_comparison_defs(experiments),
+        dg.Definitions(
+            # Steps of one run are a chain (ingest -> batches -> classify); a process per step
+            # would re-import pandas/DuckDB/Dagster each time (seconds per step) for no
+            # parallelism. Concurrency lives inside the classification step, in one work queue.
+            executor=dg.in_process_executor,
+            resources={"duckdb": duckdb_resource(), "settings": settings or NarrSettings.overridable_from_env()},
+        ),
     )
 
 

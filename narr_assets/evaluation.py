@@ -40,12 +40,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from narr_assets import vocabulary
+from narr_assets.vocabulary import CME, LE, OK, SKIPPED, UNANSWERED
+
 SCHEMA_VERSION = 1
 
-STATUSES: tuple[str, ...] = ("ok", "parse_error", "refusal", "truncated", "skipped", "failed")
-ERROR_STATUSES: frozenset[str] = frozenset({"parse_error", "refusal", "truncated", "failed"})
-NARRATIVE_TYPES: tuple[str, ...] = ("cme", "le")
-SCOPES: tuple[str, ...] = ("overall", "cme", "le", "incident")
+# The shared words, under the names this module has always exported (the report and the
+# tests import them from here); `vocabulary` defines them.
+STATUSES: tuple[str, ...] = vocabulary.STATUSES
+ERROR_STATUSES: frozenset[str] = frozenset(UNANSWERED)
+NARRATIVE_TYPES: tuple[str, ...] = vocabulary.NARRATIVE_TYPES
+SCOPES: tuple[str, ...] = ("overall", *NARRATIVE_TYPES, "incident")
 VARIANTS: tuple[str, ...] = ("answered", "strict")
 METRICS: tuple[str, ...] = (
     "accuracy",
@@ -332,9 +337,9 @@ def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
             f"{out['narrative_type'].iloc[i]!r}) in row {df.index[i]!r}"
         )
     # "answered" means the model gave a verdict; an ok row without one is treated as an error.
-    out["answered"] = (out["status"] == "ok").to_numpy() & ~np.isnan(out["det"].to_numpy())
-    out["error"] = (out["status"] != "skipped").to_numpy() & ~out["answered"].to_numpy()
-    out["skipped"] = (out["status"] == "skipped").to_numpy()
+    out["answered"] = (out["status"] == OK).to_numpy() & ~np.isnan(out["det"].to_numpy())
+    out["error"] = (out["status"] != SKIPPED).to_numpy() & ~out["answered"].to_numpy()
+    out["skipped"] = (out["status"] == SKIPPED).to_numpy()
     return out
 
 
@@ -409,7 +414,11 @@ def _incident_frame(df: pd.DataFrame) -> pd.DataFrame:
     )
     has_manual = inc["mflag"].notna()
     inc["label"] = inc["mflag"].where(has_manual, inc["lab_or"])
-    inc["label_source"] = np.where(has_manual, "manual_flag", np.where(inc["lab_or"].notna(), "narrative_or", None))
+    # Object dtype: incidents without any label have no source (None, not a string).
+    no_source = np.full(len(inc), None, dtype=object)
+    inc["label_source"] = np.where(
+        has_manual.to_numpy(), "manual_flag", np.where(inc["lab_or"].notna().to_numpy(), "narrative_or", no_source)
+    )
     inc["answered"] = (inc["n_answered"] > 0) & (inc["n_error"] == 0)
     inc["error"] = inc["n_error"] > 0
     return inc
@@ -442,7 +451,7 @@ def _coverage(df: pd.DataFrame) -> dict[str, Any]:
     n = len(df)
     n_answered = int(df["answered"].sum())
     n_skipped = int(df["skipped"].sum())
-    n_ok = int((df["status"] == "ok").sum())
+    n_ok = int((df["status"] == OK).sum())
     return {
         "n_rows": n,
         "n_incidents": int(df["incident_id"].nunique()),
@@ -507,8 +516,8 @@ def _agreement(df: pd.DataFrame) -> dict[str, Any]:
         cme = le = np.array([], dtype=bool)
     else:
         wide = wide.dropna(subset=list(NARRATIVE_TYPES))
-        cme = wide["cme"].to_numpy(dtype=float).astype(bool)
-        le = wide["le"].to_numpy(dtype=float).astype(bool)
+        cme = wide[CME].to_numpy(dtype=float).astype(bool)
+        le = wide[LE].to_numpy(dtype=float).astype(bool)
     both, cme_only = int(np.sum(cme & le)), int(np.sum(cme & ~le))
     le_only, neither = int(np.sum(~cme & le)), int(np.sum(~cme & ~le))
     n = both + cme_only + le_only + neither
@@ -545,9 +554,10 @@ def _calibration(df: pd.DataFrame) -> dict[str, Any] | None:
     for b in range(CALIBRATION_BINS):
         m = idx == b
         count = int(m.sum())
-        mean_p = float(p[m].mean()) if count else None
-        rate = float(y[m].mean()) if count else None
+        mean_p: float | None = None
+        rate: float | None = None
         if count:
+            mean_p, rate = float(p[m].mean()), float(y[m].mean())
             ece += count / p.size * abs(mean_p - rate)
         bins.append(
             {
@@ -615,11 +625,11 @@ def _tokens(rows: pd.DataFrame) -> dict[str, Any]:
         d = _distribution(_float_column(rows, col) if col in rows.columns else np.array([]))
         out[kind] = {
             "n": d["n"],
-            "total": None if d["total"] is None else int(round(d["total"])),
+            "total": None if d["total"] is None else round(d["total"]),
             "mean": d["mean"],
             "median": d["median"],
             "p95": d["p95"],
-            "max": None if d["max"] is None else int(round(d["max"])),
+            "max": None if d["max"] is None else round(d["max"]),
             "hist": d["hist"],
         }
     return out
@@ -741,8 +751,8 @@ def summary_row(ev: dict[str, Any]) -> dict[str, Any]:
         "answered_f1_ci_high": answered["f1_ci_high"],
         "answered_precision": answered["precision"],
         "answered_recall": answered["recall"],
-        "cme_f1": sc["cme"]["strict"]["f1"],
-        "le_f1": sc["le"]["strict"]["f1"],
+        "cme_f1": sc[CME]["strict"]["f1"],
+        "le_f1": sc[LE]["strict"]["f1"],
         "incident_f1": sc["incident"]["strict"]["f1"],
         "incident_f1_ci_low": sc["incident"]["strict"]["f1_ci_low"],
         "incident_f1_ci_high": sc["incident"]["strict"]["f1_ci_high"],
@@ -862,8 +872,8 @@ def evaluation_tables(ev: dict[str, Any]) -> dict[str, pd.DataFrame]:
             "experiment": exp,
             "status": st,
             "n": cov["by_status"][st],
-            "n_cme": cov["by_type"]["cme"]["by_status"][st],
-            "n_le": cov["by_type"]["le"]["by_status"][st],
+            "n_cme": cov["by_type"][CME]["by_status"][st],
+            "n_le": cov["by_type"][LE]["by_status"][st],
             "share": _ratio(cov["by_status"][st], cov["n_rows"]),
         }
         for st in STATUSES
@@ -879,34 +889,6 @@ def evaluation_tables(ev: dict[str, Any]) -> dict[str, pd.DataFrame]:
         "calibration": _typed_frame(calibration, cal_cols),
         "summary": _typed_frame([summary_row(ev)]),
     }
-
-
-def metrics_markdown(ev: dict[str, Any], variant: str = "strict") -> str:
-    """A small markdown table of the scopes of one evaluation, for Dagster metadata.
-
-    Args:
-        ev: A dict returned by :func:`evaluate`.
-        variant: ``"strict"`` or ``"answered"``.
-
-    Returns:
-        Markdown text (scope, n, TP/FP/TN/FN, precision, recall, F1 with its interval).
-    """
-
-    def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    lines = [
-        "| scope | n | TP | FP | TN | FN | precision | recall | F1 [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in SCOPES:
-        m = ev["scopes"][s][variant]
-        ci = "" if m["f1_ci_low"] is None else f" [{fmt(m['f1_ci_low'])}, {fmt(m['f1_ci_high'])}]"
-        lines.append(
-            f"| {s} | {m['n']} | {m['tp']} | {m['fp']} | {m['tn']} | {m['fn']} | "
-            f"{fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])}{ci} |"
-        )
-    return "\n".join(lines)
 
 
 def _paired_stats(correct_a: np.ndarray, correct_b: np.ndarray, prefix: str) -> dict[str, Any]:
@@ -1128,7 +1110,9 @@ def disagreement_table(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     if parts:
         return pd.concat(parts, ignore_index=True)
     dtypes = {"manual_flag_ind": "Int64", "detected": "boolean", "confidence": "Float64"}
-    return pd.DataFrame({c: pd.array([], dtype=dtypes.get(c, "string")) for c in DISAGREEMENT_COLUMNS})
+    return pd.DataFrame(columns=list(DISAGREEMENT_COLUMNS)).astype(
+        {c: dtypes.get(c, "string") for c in DISAGREEMENT_COLUMNS}
+    )
 
 
 def _sort_disagreements(df: pd.DataFrame) -> pd.DataFrame:

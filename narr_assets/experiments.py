@@ -35,6 +35,8 @@ class ExperimentError(ValueError):
 
 
 class _Strict(BaseModel):
+    # Subclasses give Field defaults as `default=`: type checkers see only that keyword, and
+    # with a positional default they would take the field as required in `__init__`.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -42,8 +44,8 @@ class ModelSpec(_Strict):
     name: str = "rules"
     base_url: str | None = None
     api_key_env: str | None = None
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, gt=0)
     seed: int | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
@@ -62,13 +64,13 @@ class OutputSpec(_Strict):
 
 
 class RunSpec(_Strict):
-    concurrency: int = Field(8, ge=1, le=1024)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(6, ge=0, le=100)
-    requests_per_minute: float | None = Field(None, gt=0)
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=6, ge=0, le=100)
+    requests_per_minute: float | None = Field(default=None, gt=0)
     skip_placeholders: bool = True
     auto_materialize: bool = False
-    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class ExperimentConfig(_Strict):

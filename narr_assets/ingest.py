@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import pandas as pd
 
@@ -121,6 +121,9 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 _MAX_ECHO = 40
 
 Engine = Literal["auto", "calamine", "openpyxl"]
+# Rows of cells as a reader returns them, sheet row 1 first (read-only: readers differ in
+# their row and list types).
+_Rows: TypeAlias = Sequence[Sequence[Any]]
 
 
 class IngestError(ValueError):
@@ -293,12 +296,12 @@ def read_source(
 # --------------------------------------------------------------------------- file readers
 
 
-def _read_workbook(path: Path, sheet: str | None, engine: Engine) -> tuple[str, list[Sequence[Any]], str]:
+def _read_workbook(path: Path, sheet: str | None, engine: Engine) -> tuple[str, _Rows, str]:
     """Return (sheet name, rows from sheet row 1, reader name) for a workbook."""
     _check_zip_container(path)
     if engine == "auto":
         engine = "calamine" if _calamine_available() else "openpyxl"
-    readers: dict[str, Callable[[Path, str | None], tuple[str, list[Sequence[Any]]]]] = {
+    readers: dict[str, Callable[[Path, str | None], tuple[str, _Rows]]] = {
         "calamine": _read_calamine,
         "openpyxl": _read_openpyxl,
     }
@@ -351,7 +354,7 @@ def _check_zip_container(path: Path) -> None:
     )
 
 
-def _read_calamine(path: Path, sheet: str | None) -> tuple[str, list[Sequence[Any]]]:
+def _read_calamine(path: Path, sheet: str | None) -> tuple[str, _Rows]:
     from python_calamine import CalamineWorkbook, SheetTypeEnum
 
     with CalamineWorkbook.from_path(str(path)) as workbook:
@@ -362,7 +365,7 @@ def _read_calamine(path: Path, sheet: str | None) -> tuple[str, list[Sequence[An
     return name, rows
 
 
-def _read_openpyxl(path: Path, sheet: str | None) -> tuple[str, list[Sequence[Any]]]:
+def _read_openpyxl(path: Path, sheet: str | None) -> tuple[str, _Rows]:
     import openpyxl
     from openpyxl.utils.escape import unescape
 
@@ -391,7 +394,7 @@ def _choose_sheet(path: Path, sheet: str | None, available: list[str]) -> str:
     return sheet
 
 
-def _read_csv_rows(path: Path) -> tuple[list[Sequence[Any]], str]:
+def _read_csv_rows(path: Path) -> tuple[_Rows, str]:
     """Return (rows including the header, encoding used) for a CSV file.
 
     A blank line comes back as an empty row, so it is skipped but still advances the row
@@ -513,7 +516,7 @@ def _column_letter(index: int) -> str:
 # --------------------------------------------------------------------------- layout
 
 
-def _find_header(rows: list[Sequence[Any]], where: str, kind: str) -> tuple[int, list[str | None]]:
+def _find_header(rows: _Rows, where: str, kind: str) -> tuple[int, list[str | None]]:
     """Return (index, header cells) of the first non-blank row; ``kind`` is "sheet" or "file"."""
     for index, row in enumerate(rows):
         cells = [_cell_text(v) for v in row]
@@ -525,9 +528,7 @@ def _find_header(rows: list[Sequence[Any]], where: str, kind: str) -> tuple[int,
     )
 
 
-def _data_rows(
-    rows: list[Sequence[Any]], header: list[str | None], header_index: int
-) -> tuple[list[list[str | None]], list[int]]:
+def _data_rows(rows: _Rows, header: list[str | None], header_index: int) -> tuple[list[list[str | None]], list[int]]:
     """Convert the rows below the header to text, dropping fully blank rows.
 
     Short rows are padded; the header is padded (in place) with unnamed cells when data rows
@@ -629,7 +630,8 @@ def _attributes_json(attributes: list[tuple[str, int]], data: list[list[str | No
     indexes = [index for _, index in attributes]
     out = []
     for row in data:
-        values = [row[i] if row[i] is None else _integral_text(row[i]) for i in indexes]
+        cells = [row[i] for i in indexes]
+        values = [None if cell is None else _integral_text(cell) for cell in cells]
         out.append(json.dumps(dict(zip(names, values, strict=True)), ensure_ascii=False))
     return out
 

@@ -29,6 +29,29 @@ from typing import Any
 JournalKey = tuple[str, str, str]  # (incident_id, narrative_type, text_hash)
 
 
+def answer_record(
+    key: JournalKey, config_hash: str, attempt: int, at: float, response: dict[str, Any]
+) -> dict[str, Any]:
+    """One journal record: a raw response for one narrative text, as `Journal.latest` reads it.
+
+    Args:
+        key: The narrative's (incident_id, narrative_type, text_hash).
+        config_hash: The experiment config that asked (also the journal folder's name).
+        attempt: Attempts made for this text so far, this one included (across runs).
+        at: Unix time the answer arrived.
+        response: `RawResponse.to_dict()` - the raw answer, never parsed fields.
+    """
+    incident_id, narrative_type, text_hash = key
+    return {
+        "key": [incident_id, narrative_type],
+        "text_hash": text_hash,
+        "config_hash": config_hash,
+        "attempt": attempt,
+        "at": at,
+        "response": response,
+    }
+
+
 @dataclass
 class JournalStats:
     records: int = 0

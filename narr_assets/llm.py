@@ -1,7 +1,7 @@
 """Classifier backends: one call for one narrative, returning the raw answer.
 
 A backend makes exactly one attempt per `complete()`; retrying is the engine's job (see
-`classify.py`) so every attempt is counted and the shared rate limit sees it. Errors are
+`narr_assets.classify`) so every attempt is counted and the shared rate limit sees it. Errors are
 sorted into two kinds: `TransientError` (429, 5xx, timeouts, dropped connections - worth
 retrying, possibly after a server-given `Retry-After`) and `FatalError` (bad key, unknown
 model, malformed request - retrying cannot help, so the run stops at once and says what to fix).
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import openai
 
-from narr_assets.experiments import ExperimentConfig, build_messages
+from narr_assets.experiments import ExperimentConfig, ExperimentError, build_messages
 from narr_assets.parsing import RESULT_SCHEMA
 
 
@@ -69,6 +69,9 @@ class RulesBackend:
     def __init__(self, cfg: ExperimentConfig):
         from narr_assets.rules import load_lexicon
 
+        if cfg.lexicon is None:
+            # load_experiment always resolves it; only a config built by hand can lack it.
+            raise ExperimentError(f"{cfg.source_file}: backend 'rules' needs a lexicon file")
         self.lexicon = load_lexicon(cfg.lexicon)
 
     async def complete(self, text: str) -> RawResponse:
@@ -133,9 +136,15 @@ def _describe_fatal(exc: openai.APIStatusError, cfg: ExperimentConfig) -> str:
     elif exc.status_code == 403:
         hint = "the key is not allowed to use this model or endpoint"
     elif exc.status_code == 404:
-        hint = "model or endpoint not found; check model.name (see the server's /v1/models) and model.base_url (usually ends in /v1)"
+        hint = (
+            "model or endpoint not found; check model.name (see the server's /v1/models) "
+            "and model.base_url (usually ends in /v1)"
+        )
     else:
-        hint = "the server refused the request; check output.mode (not every server supports json_schema) and the model parameters"
+        hint = (
+            "the server refused the request; check output.mode (not every server supports "
+            "json_schema) and the model parameters"
+        )
     return f"{where}: HTTP {exc.status_code}: {hint} ({_error_message(exc)})"
 
 

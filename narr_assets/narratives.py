@@ -41,10 +41,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import pandas as pd
 
 from narr_assets.ingest import RawLoad, normalise_incident_id
+from narr_assets.vocabulary import NARRATIVE_TYPES
 
 __all__ = [
     "BATCH_PREFIX",
@@ -110,7 +112,6 @@ CONFLICT_COLUMNS: tuple[str, ...] = (
 )
 REJECTED_COLUMNS: tuple[str, ...] = ("source_path", "source_row", "incident_id", "narrative_type", "reason")
 LEDGER_COLUMNS: tuple[str, ...] = ("incident_id", "narrative_type", "batch_id")
-NARRATIVE_TYPES: tuple[str, ...] = ("cme", "le")
 
 BATCH_PREFIX = "b"
 _BATCH_RE = re.compile(rf"{BATCH_PREFIX}(\d+)")
@@ -215,13 +216,39 @@ def clean_narratives(
         else:
             rows_read = int(df[["source_path", "source_row"]].drop_duplicates().shape[0])
 
-    # 1. Empty narratives.
+    df, empty = _drop_empty(df)  # 1. empty narratives
+    df, rejected = _reject(df)  # 2. rejections
+    dedup = _resolve_duplicates(df)  # 3. duplicates: first occurrence in file order wins
+
+    # 4. Placeholders and output.
+    narratives = dedup.kept.copy()
+    narratives["is_placeholder"] = placeholder_mask(narratives["narrative_text"], placeholder_patterns)
+    narratives = narratives.loc[:, list(NARRATIVE_COLUMNS)].reset_index(drop=True)
+    rejected = rejected.loc[:, list(REJECTED_COLUMNS)].sort_values("source_row", kind="stable").reset_index(drop=True)
+
+    stats = _stats(narratives, rejected, dedup, rows_read=int(rows_read), input_rows=len(frame), empty=empty)
+    return CleanResult(narratives=narratives, conflicts=dedup.conflicts, rejected=rejected, stats=stats)
+
+
+def _drop_empty(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """Drop blank narratives (rule 1); the trimmed text replaces the original.
+
+    Returns:
+        The rows with text, and the mask of the dropped rows (aligned with ``df``).
+    """
     text = df["narrative_text"].astype("string").str.strip()
     empty = text.isna() | (text == "")
     df = df.loc[~empty].copy()
     df["narrative_text"] = text[~empty].astype(object)
+    return df, empty
 
-    # 2. Rejections (reasons joined when several apply).
+
+def _reject(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Normalise IDs and narrative types and set aside unusable rows (rule 2).
+
+    Returns:
+        The usable rows, and the rejected ones (provenance, key and the joined reasons).
+    """
     df["incident_id"] = pd.Series([normalise_incident_id(v) for v in df["incident_id"]], index=df.index, dtype=object)
     df["narrative_type"] = _normalise_text(df["narrative_type"])
     ntype_key = df["narrative_type"].str.lower()
@@ -233,14 +260,26 @@ def clean_narratives(
     reasons.loc[df["narrative_type"].isna(), "type"] = "missing narrative_type"
     unknown = df["narrative_type"].notna() & ~known_type
     reasons.loc[unknown, "type"] = [f"unknown narrative_type {_echo(v)}" for v in df.loc[unknown, "narrative_type"]]
-    reasons["label"] = df["label_error"].where(df["label_error"].notna() & (df["label_error"] != ""), None)
+    label_error = df["label_error"].notna() & (df["label_error"] != "")
+    reasons["label"] = df["label_error"].where(label_error, None)  # type: ignore[call-overload]  # pandas-stubs omit None
     reason = _join_reasons(reasons)
     bad = reason.notna()
     rejected = df.loc[bad, ["source_path", "source_row", "incident_id", "narrative_type"]].copy()
     rejected["reason"] = reason[bad]
-    df = df.loc[~bad]
+    return df.loc[~bad], rejected
 
-    # 3. Duplicates: first occurrence in file order wins.
+
+class _Dedup(NamedTuple):
+    """What :func:`_resolve_duplicates` keeps and reports."""
+
+    kept: pd.DataFrame  # the first row of each key, in file order
+    conflicts: pd.DataFrame  # the conflict report, columns ``CONFLICT_COLUMNS``
+    duplicates_removed: int  # exact copies dropped
+    conflicts_dropped: int  # conflicting versions dropped
+
+
+def _resolve_duplicates(df: pd.DataFrame) -> _Dedup:
+    """Keep the first row of each ``(incident_id, narrative_type)`` in file order (rule 3)."""
     df = df.sort_values("source_row", kind="stable")
     df["text_hash"] = [text_hash(t) for t in df["narrative_text"]]
     label_ind = df["manual_flag_ind"].fillna(-1).astype("int64")
@@ -248,35 +287,38 @@ def clean_narratives(
     version = df[[*_KEY, "text_hash"]].assign(_ind=label_ind, _inc=label_inc)
     exact_dup = version.duplicated(keep="first")
     later_in_key = df.duplicated(_KEY, keep="first")
-    kept_rows = df.loc[~later_in_key]
     distinct = version.loc[~exact_dup]
     conflict_key = distinct.duplicated(_KEY, keep=False)
     conflict_keys = distinct.loc[conflict_key, _KEY].drop_duplicates()
     conflicts = _conflict_report(df.assign(_ind=label_ind, _inc=label_inc), conflict_keys)
     duplicates_removed = int(exact_dup.sum())
-    conflicts_dropped = int(later_in_key.sum()) - duplicates_removed
+    return _Dedup(df.loc[~later_in_key], conflicts, duplicates_removed, int(later_in_key.sum()) - duplicates_removed)
 
-    # 4. Placeholders and output.
-    narratives = kept_rows.copy()
-    narratives["is_placeholder"] = placeholder_mask(narratives["narrative_text"], placeholder_patterns)
-    narratives = narratives.loc[:, list(NARRATIVE_COLUMNS)].reset_index(drop=True)
-    rejected = rejected.loc[:, list(REJECTED_COLUMNS)].sort_values("source_row", kind="stable").reset_index(drop=True)
 
-    stats = {
-        "rows_read": int(rows_read),
-        "input_rows": len(frame),
+def _stats(
+    narratives: pd.DataFrame,
+    rejected: pd.DataFrame,
+    dedup: _Dedup,
+    *,
+    rows_read: int,
+    input_rows: int,
+    empty: pd.Series,
+) -> dict[str, int]:
+    """The counts of :class:`CleanResult`, in their documented order."""
+    return {
+        "rows_read": rows_read,
+        "input_rows": input_rows,
         "narratives": len(narratives),
         "cme": int((narratives["narrative_type"] == "cme").sum()),
         "le": int((narratives["narrative_type"] == "le").sum()),
         "empty_dropped": int(empty.sum()),
-        "duplicates_removed": duplicates_removed,
-        "conflicts": conflicts_dropped,
+        "duplicates_removed": dedup.duplicates_removed,
+        "conflicts": dedup.conflicts_dropped,
         "rejected": len(rejected),
         "placeholders": int(narratives["is_placeholder"].sum()),
         "labelled": int(narratives["manual_flag_ind"].notna().sum()),
         "labelled_positive": int((narratives["manual_flag_ind"] == 1).sum()),
     }
-    return CleanResult(narratives=narratives, conflicts=conflicts, rejected=rejected, stats=stats)
 
 
 def _with_defaults(frame: pd.DataFrame) -> pd.DataFrame:
@@ -300,7 +342,7 @@ def _normalise_text(series: pd.Series) -> pd.Series:
     """Trim text; blank -> None (object dtype so DuckDB sees VARCHAR with NULLs)."""
     stripped = series.astype("string").str.strip()
     present = stripped.notna() & (stripped != "")
-    return stripped.astype(object).where(present, None)
+    return stripped.astype(object).where(present, None)  # type: ignore[call-overload]  # pandas-stubs omit None
 
 
 def _join_reasons(reasons: pd.DataFrame) -> pd.Series:

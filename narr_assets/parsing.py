@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from narr_assets.vocabulary import ANSWER_STATUSES, OK, PARSE_ERROR, REFUSAL, TRUNCATED
+
 __all__ = [
     "PARSER_VERSION",
     "RESULT_SCHEMA",
@@ -58,7 +60,8 @@ RESULT_SCHEMA: dict = {
     "additionalProperties": False,
 }
 
-STATUSES = ("ok", "parse_error", "refusal", "truncated")
+# What one answer can parse to (`vocabulary.ANSWER_STATUSES`, under this module's old name).
+STATUSES: tuple[str, ...] = ANSWER_STATUSES
 
 RATIONALE_MAX_CHARS = 1000
 """Rationales longer than the requested 200 chars are kept, but capped here."""
@@ -210,7 +213,7 @@ def parse_answer(
     truncated = _as_text(finish_reason).strip().lower() in _LENGTH_FINISH_REASONS
 
     if _as_text(refusal).strip():
-        return _failure("refusal", "refusal field set")
+        return _failure(REFUSAL, "refusal field set")
 
     content_clean = _strip_tokens(content).strip()
     if content_clean:
@@ -218,7 +221,7 @@ def parse_answer(
     elif _strip_tokens(reasoning).strip():
         source, text = "reasoning", reasoning
     else:
-        return _failure("truncated" if truncated else "parse_error", "empty response")
+        return _failure(TRUNCATED if truncated else PARSE_ERROR, "empty response")
 
     segments = _preferred_segments(text)
     search = _Search(None, "no JSON object found")
@@ -229,18 +232,18 @@ def parse_answer(
 
     if search.obj is not None:
         answer = _build(search.obj, source)
-        if answer.status == "ok" or not truncated:
+        if answer.status == OK or not truncated:
             return answer
-        return _failure("truncated", f"finish_reason=length; {answer.error}", source)
+        return _failure(TRUNCATED, f"finish_reason=length; {answer.error}", source)
 
     if source == "content":
         phrase = _refusal_phrase(segments[0])
         if phrase is not None:
-            return _failure("refusal", f"refusal phrase: {phrase!r}")
+            return _failure(REFUSAL, f"refusal phrase: {phrase!r}")
 
     if truncated:
-        return _failure("truncated", f"finish_reason=length; {search.error}")
-    return _failure("parse_error", search.error)
+        return _failure(TRUNCATED, f"finish_reason=length; {search.error}")
+    return _failure(PARSE_ERROR, search.error)
 
 
 def _as_text(value: Any) -> str:
@@ -561,9 +564,9 @@ def _build(obj: dict, source: str) -> ParsedAnswer:
     fields = _lower_keys(obj)
     detected = _normalise_detected(fields.get("detected"))
     if detected is None:
-        return _failure("parse_error", f"invalid 'detected' value: {_snippet(fields.get('detected'))}", source)
+        return _failure(PARSE_ERROR, f"invalid 'detected' value: {_snippet(fields.get('detected'))}", source)
     return ParsedAnswer(
-        status="ok",
+        status=OK,
         detected=detected,
         confidence=_normalise_confidence(fields.get("confidence")),
         indicators=_normalise_indicators(fields.get("indicators")),

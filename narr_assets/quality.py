@@ -8,28 +8,30 @@ from __future__ import annotations
 from typing import Any
 
 from narr_assets.store import Store
+from narr_assets.vocabulary import ANSWER_ERRORS, SKIPPED, sql_list
 
 Result = tuple[bool, dict[str, Any]]
 
 
 def narrative_keys_unique(store: Store) -> Result:
-    dup = store.query_df(
-        "SELECT count(*) AS n FROM (SELECT incident_id, narrative_type FROM narratives GROUP BY 1, 2 HAVING count(*) > 1)"
-    ).iloc[0, 0]
+    (dup,) = store.query_row(
+        "SELECT count(*) FROM (SELECT incident_id, narrative_type FROM narratives GROUP BY 1, 2 HAVING count(*) > 1)"
+    )
     return int(dup) == 0, {"duplicated_keys": int(dup)}
 
 
 def narrative_text_not_empty(store: Store) -> Result:
-    empty = store.query_df(
+    (empty,) = store.query_row(
         "SELECT count(*) FROM narratives WHERE narrative_text IS NULL OR trim(narrative_text) = ''"
-    ).iloc[0, 0]
+    )
     return int(empty) == 0, {"empty_texts": int(empty)}
 
 
 def labels_valid(store: Store) -> Result:
-    bad = store.query_df(
-        "SELECT count(*) FROM narratives WHERE coalesce(manual_flag_ind, 0) NOT IN (0, 1) OR coalesce(manual_flag, 0) NOT IN (0, 1)"
-    ).iloc[0, 0]
+    (bad,) = store.query_row(
+        "SELECT count(*) FROM narratives"
+        " WHERE coalesce(manual_flag_ind, 0) NOT IN (0, 1) OR coalesce(manual_flag, 0) NOT IN (0, 1)"
+    )
     return int(bad) == 0, {"invalid_labels": int(bad)}
 
 
@@ -41,7 +43,7 @@ def checksum_current(store: Store, current_checksum: str) -> Result:
 
 def one_row_per_narrative(store: Store, experiment: str) -> Result:
     """Every narrative of every classified batch has exactly one row, and no row is orphaned."""
-    df = store.query_df(
+    missing, orphaned, stale = store.query_row(
         """
         WITH done AS (SELECT DISTINCT batch_id FROM classification_rows WHERE experiment = ?)
         SELECT
@@ -56,7 +58,7 @@ def one_row_per_narrative(store: Store, experiment: str) -> Result:
         """,
         [experiment] * 4,
     )
-    missing, orphaned, stale = (int(df.iloc[0, i]) for i in range(3))
+    missing, orphaned, stale = int(missing), int(orphaned), int(stale)
     return missing == 0 and orphaned == 0 and stale == 0, {
         "missing_rows": missing,
         "orphaned_rows": orphaned,
@@ -65,15 +67,16 @@ def one_row_per_narrative(store: Store, experiment: str) -> Result:
 
 
 def error_rate_below(store: Store, experiment: str, threshold: float) -> Result:
-    df = store.query_df(
-        """
-        SELECT count(*) FILTER (WHERE status IN ('parse_error', 'refusal', 'truncated')) AS errors,
-               count(*) FILTER (WHERE status <> 'skipped') AS asked
+    """Answer errors (`vocabulary.ANSWER_ERRORS`) per asked row (every stored row not skipped)."""
+    errors, asked = store.query_row(
+        f"""
+        SELECT count(*) FILTER (WHERE status IN {sql_list(ANSWER_ERRORS)}) AS errors,
+               count(*) FILTER (WHERE status <> '{SKIPPED}') AS asked
         FROM classification_rows WHERE experiment = ?
         """,
         [experiment],
     )
-    errors, asked = int(df.iloc[0, 0]), int(df.iloc[0, 1])
+    errors, asked = int(errors), int(asked)
     rate = errors / asked if asked else 0.0
     return rate <= threshold, {
         "error_rows": errors,
@@ -84,8 +87,9 @@ def error_rate_below(store: Store, experiment: str, threshold: float) -> Result:
 
 
 def confidences_in_range(store: Store, experiment: str) -> Result:
-    bad = store.query_df(
-        "SELECT count(*) FROM classification_rows WHERE experiment = ? AND confidence IS NOT NULL AND (confidence < 0 OR confidence > 1 OR isnan(confidence))",
+    (bad,) = store.query_row(
+        "SELECT count(*) FROM classification_rows WHERE experiment = ? AND confidence IS NOT NULL"
+        " AND (confidence < 0 OR confidence > 1 OR isnan(confidence))",
         [experiment],
-    ).iloc[0, 0]
+    )
     return int(bad) == 0, {"out_of_range": int(bad)}

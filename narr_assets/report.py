@@ -31,6 +31,7 @@ from narr_assets.evaluation import NARRATIVE_TYPES, SCOPES, STATUSES, VARIANTS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
 
 _VARIANT_COLOURS = {"answered": "#4c78a8", "strict": "#e45756"}
 
@@ -84,6 +85,11 @@ def _num(v: Any, digits: int = 3) -> str:
     return _esc(f"{f:.{digits}f}")
 
 
+def _int_or_dash(v: Any, spec: str = "") -> str:
+    """An integer formatted with ``spec`` (e.g. ``","`` for thousands), or a dash if missing."""
+    return "&ndash;" if _missing(v) else _esc(format(int(v), spec))
+
+
 def _pct(v: Any) -> str:
     return "&ndash;" if _missing(v) else _esc(f"{100 * float(v):.1f}%")
 
@@ -125,7 +131,7 @@ class _SvgRenderer:
         import matplotlib
 
         buf = io.StringIO()
-        rc = {"svg.hashsalt": f"narr-assets-{self.count}", "svg.fonttype": "none"}
+        rc: dict[RcKeyType, Any] = {"svg.hashsalt": f"narr-assets-{self.count}", "svg.fonttype": "none"}
         with matplotlib.rc_context(rc):
             fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
         svg = buf.getvalue()
@@ -176,7 +182,7 @@ def _fig_forest(lb: pd.DataFrame) -> Figure | None:
         vals = [_nan(v) for v in lb[col]][::-1]
         lows = list(lb.get(f"{col}_ci_low", pd.Series([None] * len(lb))))[::-1]
         highs = list(lb.get(f"{col}_ci_high", pd.Series([None] * len(lb))))[::-1]
-        errs = [_err(v, lo, hi) for v, lo, hi in zip(vals, lows, highs)]
+        errs = [_err(v, lo, hi) for v, lo, hi in zip(vals, lows, highs, strict=True)]
         ys = [i + (0.15 if offset == 0 else -0.15) for i in range(len(names))]
         xerr = [[e[0] for e in errs], [e[1] for e in errs]]
         ax.errorbar(vals, ys, xerr=xerr, fmt=marker, color=colour, capsize=3, label=f"F1 ({label})")
@@ -195,7 +201,7 @@ def _fig_scope_bars(ev: dict[str, Any]) -> Figure | None:
     fig = _figure(10, 3.2)
     axes = fig.subplots(1, 3, sharey=True)
     width = 0.38
-    for ax, metric in zip(axes, ("precision", "recall", "f1")):
+    for ax, metric in zip(axes, ("precision", "recall", "f1"), strict=True):
         for j, variant in enumerate(VARIANTS):
             xs, vals, lo, hi = [], [], [], []
             for i, s in enumerate(SCOPES):
@@ -273,7 +279,9 @@ def _fig_tokens(ev: dict[str, Any]) -> Figure | None:
         return None
     fig = _figure(3.6 * len(kinds), 3)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    for ax, kind, colour in zip(axes, kinds, ("#54a24b", "#eeca3b", "#b279a2")):
+    # strict=False: one colour per token kind (prompt, completion, reasoning); runs without
+    # some kinds leave the palette's later colours unused.
+    for ax, kind, colour in zip(axes, kinds, ("#54a24b", "#eeca3b", "#b279a2"), strict=False):
         _hist_axes(ax, ev["tokens"][kind]["hist"], colour)
         ax.set_xlabel(f"{kind} tokens per narrative")
     fig.tight_layout()
@@ -316,7 +324,7 @@ def _cell(row: pd.Series, col: str, kind: str) -> str:
     if kind == "text":
         return _esc(v)
     if kind == "int":
-        return "&ndash;" if _missing(v) else _esc(f"{int(v):,}")
+        return _int_or_dash(v, ",")
     if kind == "pct":
         return _pct(v)
     if kind == "ci":
@@ -401,7 +409,10 @@ def _coverage_block(ev: dict[str, Any]) -> str:
         f"({lab['n_positive_incidents']:,} positive).</p>"
     )
     if cov["n_ok_without_verdict"]:
-        summary += f'<p class="warn">{cov["n_ok_without_verdict"]:,} rows have status ok but no verdict; they count as errors.</p>'
+        summary += (
+            f'<p class="warn">{cov["n_ok_without_verdict"]:,} rows have status ok but no verdict; '
+            "they count as errors.</p>"
+        )
     return summary + _table(["status", "all", *NARRATIVE_TYPES], rows, text_cols=(0,))
 
 
@@ -555,7 +566,7 @@ def _disagreement_section(disagreements: dict[str, pd.DataFrame]) -> str:
                 _esc(r.get("kind")),
                 _esc(r.get("incident_id")),
                 _esc(r.get("narrative_type")),
-                "&ndash;" if _missing(r.get("manual_flag_ind")) else _esc(int(r.get("manual_flag_ind"))),
+                _int_or_dash(r.get("manual_flag_ind")),
                 "&ndash;" if _missing(r.get("detected")) else _esc(bool(r.get("detected"))),
                 _num(r.get("confidence"), 2),
                 _indicators(r.get("indicators")),
@@ -601,7 +612,10 @@ def render_report_html(
         f"<h1>{_esc(title)}</h1>",
         '<nav><ul><li><a href="#leaderboard">Leaderboard</a></li>',
         toc,
-        '<li><a href="#pairwise">Pairwise comparisons</a></li><li><a href="#disagreements">Disagreements</a></li></ul></nav>',
+        (
+            '<li><a href="#pairwise">Pairwise comparisons</a></li>'
+            '<li><a href="#disagreements">Disagreements</a></li></ul></nav>'
+        ),
         _leaderboard_section(leaderboard, svg),
         *(_experiment_section(i, ev, svg) for i, ev in enumerate(evals)),
         _pairwise_section(pairwise),

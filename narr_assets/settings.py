@@ -15,11 +15,16 @@ tests and the CLI can point the pipeline elsewhere by setting variables before a
 
 Relative paths are resolved against the project root (the folder holding `pyproject.toml`),
 not the current directory, so `dagster dev` and the CLI agree wherever they are started.
+
+This module is the one reader of `NARR_*`. Dagster assets, checks and the sensor never read
+the environment: they get the `settings` resource (`narr_assets/defs/resources.py`), built
+from these functions when the definitions load, shown in the UI and overridable per run.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,20 +62,48 @@ def data_dir() -> Path:
     return _path("NARR_DATA_DIR", value) if value else db_path().parent
 
 
+@dataclass(frozen=True)
+class DataLayout:
+    """What lives under the data folder; the one place that names its sub-folders."""
+
+    root: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+
+def layout() -> DataLayout:
+    """The data folder's layout under `NARR_DATA_DIR`."""
+    return DataLayout(data_dir())
+
+
 def journal_dir() -> Path:
-    return data_dir() / "journal"
+    return layout().journal
 
 
 def locks_dir() -> Path:
-    return data_dir() / "locks"
+    return layout().locks
 
 
 def reports_dir() -> Path:
-    return data_dir() / "reports"
+    return layout().reports
 
 
 def exports_dir() -> Path:
-    return data_dir() / "exports"
+    return layout().exports
 
 
 def lexicon_path() -> Path:

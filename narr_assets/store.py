@@ -13,13 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pandas as pd
 from dagster_duckdb import DuckDBResource
+
+from narr_assets.vocabulary import ANSWER_ERRORS, sql_list
+
+# Query parameters: positional (`?`, a sequence) or named (`$name`, a mapping), never both.
+Params = Sequence[Any] | Mapping[str, Any] | None
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS raw_narratives (
@@ -76,6 +81,20 @@ SELECT c.*, n.narrative_text, n.manual_flag_ind, n.manual_flag, n.is_placeholder
 FROM classification_rows c
 LEFT JOIN narratives n USING (incident_id, narrative_type);
 """
+
+# The current-row predicate, the one definition of which stored answer belongs to a narrative.
+# A row `c` of `classification_rows` is *current* for a narrative `n` of `narratives` when it is
+# the experiment's row for the narrative's key, asked with the experiment's current config
+# about the narrative's current text. A row for another config (an edited prompt) or another
+# text (an edited narrative) is not current: it stays in the table, but it never completes a
+# batch and never enters an evaluation.
+# The parser version is deliberately not part of it (see `Store.partition_status`): evaluation
+# and the remaining-calls count use current rows whatever parser produced them.
+# Named parameters: `$experiment`, `$config_hash`. Table aliases: `c` and `n`.
+CURRENT_ROW = """(
+    c.experiment = $experiment AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
+    AND c.config_hash = $config_hash AND c.text_hash = n.text_hash
+)"""
 
 CLASSIFICATION_COLUMNS = (
     "experiment",
@@ -158,9 +177,21 @@ class Store:
                 raise
             _exec(con, "COMMIT")
 
-    def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+    def query_df(self, sql: str, params: Params = None) -> pd.DataFrame:
         with self.connect() as con:
             return con.execute(sql, params or []).df()
+
+    def query_rows(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        """Every row of a query, as tuples of Python values (for small results)."""
+        with self.connect() as con:
+            return _exec(con, sql, params)
+
+    def query_row(self, sql: str, params: Params = None) -> tuple[Any, ...]:
+        """The first row of a query, as Python values (for aggregates: counts, sums)."""
+        rows = self.query_rows(sql, params)
+        if not rows:
+            raise ValueError(f"the query returned no row: {' '.join(sql.split())[:120]}")
+        return rows[0]
 
     # --- ingestion -------------------------------------------------------------------------
 
@@ -203,7 +234,8 @@ class Store:
         if batch_ids is None:
             return self.query_df("SELECT * FROM narratives ORDER BY batch_id, incident_id, narrative_type")
         return self.query_df(
-            "SELECT * FROM narratives WHERE batch_id IN (SELECT unnest(?)) ORDER BY batch_id, incident_id, narrative_type",
+            "SELECT * FROM narratives WHERE batch_id IN (SELECT unnest(?))"
+            " ORDER BY batch_id, incident_id, narrative_type",
             [list(batch_ids)],
         )
 
@@ -246,27 +278,38 @@ class Store:
         return self.query_df(sql + " ORDER BY batch_id, incident_id, narrative_type", params)
 
     def partition_status(self, experiment: str, config_hash: str, parser_version: str | None = None) -> pd.DataFrame:
-        """Per batch: narratives, rows, current rows (same config, text and parser), error rows.
+        """Per batch of `narratives`: narratives, rows, current rows, error rows.
 
-        A row parsed by another parser version is not current: the batch is re-parsed from
-        the journal (no new calls) the next time it is materialised.
+        - `rows`: the experiment's rows for the batch's narratives, current or not;
+        - `current_rows`: rows that satisfy `CURRENT_ROW` *and* were parsed by `parser_version`
+          (default: the installed `parsing.PARSER_VERSION`);
+        - `error_rows`: rows with an answer-error status (`vocabulary.ANSWER_ERRORS`), current
+          or not: a stale error row still marks its batch for `--retry-errors`.
+
+        The parser version is where completeness and evaluation part ways, on purpose. A batch
+        counts as complete (`status.partition_state`) only when every narrative has a current
+        row parsed by the current parser, so a parser upgrade shows its batches as work:
+        re-materialising re-parses the journalled answers without new calls (a backend that
+        journals nothing, like `rules`, answers again, which is free). Evaluation and the
+        remaining-calls count use `CURRENT_ROW` alone - rows for the current config and text,
+        whatever parser produced them - so metrics do not vanish between a parser upgrade and
+        the re-run.
         """
         if parser_version is None:
             from narr_assets.parsing import PARSER_VERSION as parser_version
         return self.query_df(
-            """
+            f"""
             SELECT n.batch_id,
                    count(*) AS narratives,
                    count(c.status) AS rows,
-                   count(*) FILTER (WHERE c.config_hash = ? AND c.text_hash = n.text_hash
-                                    AND c.parser_version = ?) AS current_rows,
-                   count(*) FILTER (WHERE c.status IN ('parse_error', 'refusal', 'truncated')) AS error_rows
+                   count(*) FILTER (WHERE {CURRENT_ROW} AND c.parser_version = $parser_version) AS current_rows,
+                   count(*) FILTER (WHERE c.status IN {sql_list(ANSWER_ERRORS)}) AS error_rows
             FROM narratives n
             LEFT JOIN classification_rows c
-              ON c.experiment = ? AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
+              ON c.experiment = $experiment AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type
             GROUP BY n.batch_id ORDER BY n.batch_id
             """,
-            [config_hash, parser_version, experiment],
+            {"experiment": experiment, "config_hash": config_hash, "parser_version": parser_version},
         )
 
     def log_run(self, summary: Any) -> None:
@@ -318,8 +361,10 @@ class Store:
 
     def read_evaluations(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """experiment -> (config hash, evaluation document)."""
-        df = self.query_df("SELECT experiment, config_hash, evaluation FROM experiment_evaluations ORDER BY experiment")
-        return {r.experiment: (r.config_hash, json.loads(r.evaluation)) for r in df.itertuples()}
+        rows = self.query_rows(
+            "SELECT experiment, config_hash, evaluation FROM experiment_evaluations ORDER BY experiment"
+        )
+        return {experiment: (config_hash, json.loads(doc)) for experiment, config_hash, doc in rows}
 
     def replace_table(self, table: str, frame: pd.DataFrame) -> None:
         """Create or replace a derived table (leaderboard, disagreements) from a frame."""
@@ -329,7 +374,7 @@ class Store:
             con.unregister("_frame")
 
 
-def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: Params = None) -> list[tuple]:
     """Execute and drain: DuckDB refuses further work (even `register`) on a connection whose
     last result was not fetched."""
     return con.execute(sql, params or []).fetchall()

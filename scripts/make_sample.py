@@ -1,14 +1,14 @@
 """Write the bundled labelled sample, `data/sample_labelled.xlsx` (deterministic, seeded).
 
-    python scripts/make_sample.py [--out data/sample_labelled.xlsx] [--seed 20240611]
+    python -m scripts.make_sample [--out data/sample_labelled.xlsx] [--seed 20240611]
 
 The narratives are synthetic, written for this project in NVDRS style from the sentence
-banks of `narr_assets.generate` (3-6 sentences each). The first sheet has the labelled wide
-layout: IncidentID, IncidentYear, SiteID, NarrativeCME, NarrativeLE, ipv_manualCME,
-ipv_manualLE, ipv_manual. Labels come in mixed forms across rows, as in real files: 1/0,
-TRUE/FALSE (Excel booleans), "TRUE"/"FALSE", "yes"/"no", "Yes"/"No"; `ipv_manual` is the
-incident label (positive if either narrative is). A blank or placeholder narrative has an
-empty label cell.
+banks of `narr_assets.testing.generate` (3-6 sentences each). The first sheet has the
+labelled wide layout: IncidentID, IncidentYear, SiteID, NarrativeCME, NarrativeLE,
+ipv_manualCME, ipv_manualLE, ipv_manual. Labels come in mixed forms across rows, as in real
+files: 1/0, TRUE/FALSE (Excel booleans), "TRUE"/"FALSE", "yes"/"no", "Yes"/"No";
+`ipv_manual` is the incident label (positive if either narrative is). A blank or
+placeholder narrative has an empty label cell.
 
 Content: 57 incidents - 40 with both narratives, 9 CME only, 7 LE only, 1 with none -
 14 of them positive (both narratives positive in 5, only LE in 3, only CME in 2, plus 2 CME-only
@@ -47,11 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from narr_assets.generate import (  # noqa: E402  (after the sys.path fix above)
+from narr_assets.testing.generate import (
     HARD_NEGATIVE,
     LABEL_COLUMNS,
     POSITIVE,
@@ -63,6 +59,7 @@ from narr_assets.generate import (  # noqa: E402  (after the sys.path fix above)
     write_table,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 SEED = 20240611
 DEFAULT_OUT = ROOT / "data" / "sample_labelled.xlsx"
 FLOAT_ID = 727037
@@ -161,8 +158,26 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
     rng.shuffle(plan)
     n = len(plan)
     ids: list[Any] = [str(i) for i in rng.sample(range(300000, 999999), n + 1) if i != FLOAT_ID][:n]
+    override, conflict, floaty = _dirty_cells(rng, plan)
+    ids[floaty] = float(FLOAT_ID)
+    special = _hard_negative_cells(rng, plan, override)
+    n_pos = sum(cme + le for _, cme, le in plan)
+    positives = _positive_templates(rng, n_pos)
+    rows = [
+        _incident_row(rng, i, ids[i], plan=plan, override=override, special=special, positives=positives)
+        for i in range(n)
+    ]
+    _insert_extra_rows(rng, plan, rows, conflict)
+    return rows
 
-    # choose the dirty cells first (each in its own negative incident with both narratives)
+
+def _dirty_cells(rng: random.Random, plan: list[tuple[str, bool, bool]]) -> tuple[dict[tuple[int, str], Any], int, int]:
+    """Choose the dirty cells, each in its own negative incident with both narratives.
+
+    Returns:
+        The cells overridden with an empty, blank or placeholder text; the incident whose row
+        gets a conflicting duplicate; the incident whose ID is stored as a number.
+    """
     clean_both = [i for i, (shape, cme, le) in enumerate(plan) if shape == "both" and not (cme or le)]
     empty, blank, ph_le, ph_cme, conflict, floaty = rng.sample(clean_both, 6)
     override = {
@@ -171,13 +186,17 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
         (ph_le, "le"): PLACEHOLDER_LE,
         (ph_cme, "cme"): PLACEHOLDER_CME,
     }
-    ids[floaty] = float(FLOAT_ID)
+    return override, conflict, floaty
 
-    # then which negative narratives carry a hard negative
+
+def _hard_negative_cells(
+    rng: random.Random, plan: list[tuple[str, bool, bool]], override: dict[tuple[int, str], Any]
+) -> dict[tuple[int, str], str]:
+    """Which negative narratives carry a hard negative, and which one (a template)."""
     homicide, others = _negative_templates(rng)
     single = [(i, shape) for i, (shape, cme, le) in enumerate(plan) if shape in ("cme", "le") and not (cme or le)]
     special: dict[tuple[int, str], str] = {}
-    for template, (i, shape) in zip(homicide, rng.sample(single, len(homicide))):
+    for template, (i, shape) in zip(homicide, rng.sample(single, len(homicide)), strict=True):
         special[(i, shape)] = template
     slots = [
         (i, kind)
@@ -186,43 +205,51 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
         for kind in ("cme", "le")
         if shape in ("both", kind) and (i, kind) not in override and (i, kind) not in special
     ]
-    for template, slot in zip(others, rng.sample(slots, len(others))):
+    for template, slot in zip(others, rng.sample(slots, len(others)), strict=True):
         special[slot] = template
+    return special
 
-    n_pos = sum(cme + le for _, cme, le in plan)
-    positives = _positive_templates(rng, n_pos)
-    rows = []
-    for i, (shape, cme_pos, le_pos) in enumerate(plan):
-        inc = Incident(rng, female_rate=0.75 if (cme_pos or le_pos) else 0.3)
-        yes, no = rng.choice(_LABEL_STYLES)
-        cells: dict[str, tuple[str | None, Any]] = {}
-        for kind, positive in (("cme", cme_pos), ("le", le_pos)):
-            if shape not in ("both", kind):
-                cells[kind] = (None, None)
-            elif (i, kind) in override:
-                text = override[(i, kind)]
-                # a blank narrative keeps its label, as in real files; a placeholder has none
-                cells[kind] = (text, no if _is_blank(text) else None)
-            else:
-                extra = [positives.pop()] if positive else ([special[(i, kind)]] if (i, kind) in special else [])
-                text = inc.narrative(kind, special=extra, sentences=(3, 6))
-                cells[kind] = (text, yes if positive else no)
-        known = [label for _, label in cells.values() if label is not None]
-        incident = (yes if (cme_pos or le_pos) else no) if known else None
-        rows.append(
-            [
-                ids[i],
-                rng.randint(2015, 2022),
-                rng.choice(SITES),
-                cells["cme"][0],
-                cells["le"][0],
-                cells["cme"][1],
-                cells["le"][1],
-                incident,
-            ]
-        )
 
-    # the extra rows, spread through the sheet
+def _incident_row(
+    rng: random.Random,
+    i: int,
+    incident_id: Any,
+    *,
+    plan: list[tuple[str, bool, bool]],
+    override: dict[tuple[int, str], Any],
+    special: dict[tuple[int, str], str],
+    positives: list[str],
+) -> list[Any]:
+    """The row of incident `i`: its narratives (or dirty cells) and labels in a random label style.
+
+    A positive narrative takes (pops) the last of `positives`; a negative one carries its hard
+    negative from `special`, if any.
+    """
+    shape, cme_pos, le_pos = plan[i]
+    inc = Incident(rng, female_rate=0.75 if (cme_pos or le_pos) else 0.3)
+    yes, no = rng.choice(_LABEL_STYLES)
+    cells: dict[str, tuple[str | None, Any]] = {}
+    for kind, positive in (("cme", cme_pos), ("le", le_pos)):
+        if shape not in ("both", kind):
+            cells[kind] = (None, None)
+        elif (i, kind) in override:
+            text = override[(i, kind)]
+            # a blank narrative keeps its label, as in real files; a placeholder has none
+            cells[kind] = (text, no if _is_blank(text) else None)
+        else:
+            extra = [positives.pop()] if positive else ([special[(i, kind)]] if (i, kind) in special else [])
+            text = inc.narrative(kind, special=extra, sentences=(3, 6))
+            cells[kind] = (text, yes if positive else no)
+    known = [label for _, label in cells.values() if label is not None]
+    incident = (yes if (cme_pos or le_pos) else no) if known else None
+    (cme_text, cme_label), (le_text, le_label) = cells["cme"], cells["le"]
+    return [incident_id, rng.randint(2015, 2022), rng.choice(SITES), cme_text, le_text, cme_label, le_label, incident]
+
+
+def _insert_extra_rows(
+    rng: random.Random, plan: list[tuple[str, bool, bool]], rows: list[list[Any]], conflict: int
+) -> None:
+    """Spread the exact duplicate, the conflicting duplicate and the row without an ID through `rows`."""
     positive_both = [i for i, (shape, cme, _) in enumerate(plan) if shape == "both" and cme]
     dup_row = list(rows[rng.choice(positive_both)])
     conflict_row = list(rows[conflict])
@@ -240,7 +267,6 @@ def build_rows(seed: int = SEED) -> list[list[Any]]:
     ]
     for extra_row in (dup_row, conflict_row, orphan_row):
         rows.insert(rng.randint(len(rows) // 3, len(rows)), extra_row)
-    return rows
 
 
 def _is_blank(value: Any) -> bool:

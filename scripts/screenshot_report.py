@@ -2,7 +2,8 @@
 
 Usage::
 
-    python scripts/screenshot_report.py data/reports/report.html report.png [--width 1280] [--max-height 6000] [--palette]
+    python -m scripts.screenshot_report data/reports/report.html report.png \
+        [--width 1280] [--max-height 6000] [--palette]
 
 Checks (exit status 1 with a message naming each failure):
 
@@ -17,7 +18,7 @@ browser reads commands on file descriptor 3 and writes replies on 4), with the s
 only - no Selenium, no driver, no websocket client, no port to pick. Plain
 ``chromium --headless --screenshot`` cannot do the checks: with ``--enable-logging`` it prints
 every console message at INFO level (``console.error`` looks like ``console.log``) and it
-reports no failed resource loads at all. ``scripts/ui_screenshots.py`` reuses :class:`Chromium`
+reports no failed resource loads at all. ``scripts.ui_screenshots`` reuses :class:`Chromium`
 to wait for the Dagster UI (a React app) to render before taking its screenshots.
 
 Chromium is found as ``$CHROMIUM`` or ``chromium`` / ``chromium-browser`` on ``PATH``
@@ -110,7 +111,7 @@ class Chromium:
         self.timeout_s = timeout_s
         self.events: list[dict[str, Any]] = []
         self._profile = tempfile.TemporaryDirectory(prefix="narr-chromium-")
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (lives as long as the browser: closed in close())
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._next_id = 0
         self._session: str | None = None

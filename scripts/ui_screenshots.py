@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/ui_screenshots.py OUTDIR [--experiment llm_indicators] [--batch-size 20] [--palette]
+    python -m scripts.ui_screenshots OUTDIR [--experiment llm_indicators] [--batch-size 20] [--palette]
 
 What it does, in a temporary project (never the repository's ``data/`` or ``.dagster_home/``):
 
@@ -15,7 +15,7 @@ What it does, in a temporary project (never the repository's ``data/`` or ``.dag
    (the fourth batch: fails at once with HTTP 401, a *failed* partition). The rest stay *missing*;
 3. starts ``dagster-webserver -m narr_assets.definitions`` on a free 127.0.0.1 port with the
    same environment, waits for ``/server_info``, and drives headless Chromium (see
-   ``scripts/screenshot_report.py``) to ``/asset-groups`` (the global asset graph) and
+   ``scripts.screenshot_report``) to ``/asset-groups`` (the global asset graph) and
    ``/assets/EXPERIMENT/classifications?view=partitions`` (partition b00000 selected, so its
    metadata shows) and ``/assets``, waiting until each page shows what it should before
    taking the shot;
@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from screenshot_report import BrowserError, Chromium, find_chromium, image_stats, to_palette
+from scripts.screenshot_report import BrowserError, Chromium, find_chromium, image_stats, to_palette
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -171,7 +171,8 @@ def check_endpoint(env: Mapping[str, str], experiment: str, base_url: str) -> No
         "import json, sys\nfrom narr_assets.experiments import load_experiments\n"
         "by_name = {c.name: c for c in load_experiments()}\n"
         "cfg = by_name.get(sys.argv[1])\n"
-        "print(json.dumps(None if cfg is None else [cfg.backend, cfg.model.base_url if cfg.backend == 'openai' else None]))"
+        "print(json.dumps(None if cfg is None else "
+        "[cfg.backend, cfg.model.base_url if cfg.backend == 'openai' else None]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, experiment], env=dict(env), capture_output=True, text=True, timeout=60, check=False
@@ -299,61 +300,76 @@ def take_screenshots(
         ``(pngs, browser_problems)``; problems are console errors and failed loads the UI
         reported (informative: the UI's own errors are not this project's to fix).
     """
-    pngs: list[Path] = []
     with Chromium(binary, width=1440, height=900, timeout_s=timeout_s) as browser:
         browser.navigate(f"{base_url}/server_info")
         browser.evaluate(_COLLAPSE_NAV)
-
-        browser.navigate(f"{base_url}/asset-groups", timeout_s=timeout_s)
-        graph_drawn = f"({_page_has('narrative_batches')}) || {_COLLAPSED_GROUPS}"
-        browser.wait_for(graph_drawn, timeout_s=timeout_s, what="the asset graph on /asset-groups")
-        if browser.evaluate(_COLLAPSED_GROUPS):
-            browser.press("e", alt=True)
-            browser.wait_for(
-                "location.search.includes('expanded')",
-                timeout_s=timeout_s,
-                what="Alt+E to expand the asset groups on /asset-groups",
-            )
-            # Reload the expanded view: statuses of nodes inside groups expanded after the
-            # first load only arrive with the UI's next refresh, a minute later.
-            browser.navigate(browser.evaluate("location.href"), timeout_s=timeout_s)
-        browser.wait_for(
-            f"{_page_has('narrative_batches', 'leaderboard')} && !({_COLLAPSED_GROUPS}) && {_STATUSES_LOADED}",
-            timeout_s=timeout_s,
-            what="the expanded asset graph with statuses on /asset-groups",
-        )
-        browser.evaluate(_HIDE_GRAPH_SIDEBAR)
-        _settle(browser)
-        pngs.append(browser.screenshot(outdir / "asset_graph.png"))
-
-        first = plan.done[0]
-        path = f"/assets/{experiment}/classifications?view=partitions&partition={first}"
-        browser.navigate(base_url + path, timeout_s=timeout_s)
-        # The counts prove the UI sees the states made above; config_hash is metadata of the
-        # selected partition, so its panel has loaded too.
-        missing = len(plan.keys) - len(plan.done) - len(plan.failed)
-        counts = (f"Materialized ({len(plan.done)})", f"Failed ({len(plan.failed)})", f"Missing ({missing})")
-        browser.wait_for(
-            _page_has(*plan.done, *plan.failed, *counts, "config_hash"),
-            timeout_s=timeout_s,
-            what=f"partition keys, {', '.join(counts)} and {first}'s metadata on {path}",
-        )
-        _settle(browser)
-        pngs.append(browser.screenshot(outdir / "classifications_partitions.png"))
-
-        browser.navigate(f"{base_url}/assets", timeout_s=timeout_s)
-        browser.wait_for(
-            _page_has(f"{experiment} / classifications", "narrative_batches", "leaderboard"),
-            timeout_s=timeout_s,
-            what="the asset catalog on /assets",
-        )
-        _settle(browser)
-        pngs.append(browser.screenshot(outdir / "asset_catalog.png"))
+        pngs = [
+            _shoot_asset_graph(browser, base_url, outdir, timeout_s),
+            _shoot_partitions(browser, base_url, outdir, experiment, plan, timeout_s),
+            _shoot_catalog(browser, base_url, outdir, experiment, timeout_s),
+        ]
         problems = browser.problems()
     if palette:
         for png in pngs:
             to_palette(png)
     return pngs, problems
+
+
+def _shoot_asset_graph(browser: Chromium, base_url: str, outdir: Path, timeout_s: float) -> Path:
+    """``/asset-groups`` with every group expanded and every node's status loaded."""
+    browser.navigate(f"{base_url}/asset-groups", timeout_s=timeout_s)
+    graph_drawn = f"({_page_has('narrative_batches')}) || {_COLLAPSED_GROUPS}"
+    browser.wait_for(graph_drawn, timeout_s=timeout_s, what="the asset graph on /asset-groups")
+    if browser.evaluate(_COLLAPSED_GROUPS):
+        browser.press("e", alt=True)
+        browser.wait_for(
+            "location.search.includes('expanded')",
+            timeout_s=timeout_s,
+            what="Alt+E to expand the asset groups on /asset-groups",
+        )
+        # Reload the expanded view: statuses of nodes inside groups expanded after the
+        # first load only arrive with the UI's next refresh, a minute later.
+        browser.navigate(browser.evaluate("location.href"), timeout_s=timeout_s)
+    browser.wait_for(
+        f"{_page_has('narrative_batches', 'leaderboard')} && !({_COLLAPSED_GROUPS}) && {_STATUSES_LOADED}",
+        timeout_s=timeout_s,
+        what="the expanded asset graph with statuses on /asset-groups",
+    )
+    browser.evaluate(_HIDE_GRAPH_SIDEBAR)
+    _settle(browser)
+    return browser.screenshot(outdir / "asset_graph.png")
+
+
+def _shoot_partitions(
+    browser: Chromium, base_url: str, outdir: Path, experiment: str, plan: PartitionPlan, timeout_s: float
+) -> Path:
+    """The experiment's classifications partitions page, its first materialised partition selected."""
+    first = plan.done[0]
+    path = f"/assets/{experiment}/classifications?view=partitions&partition={first}"
+    browser.navigate(base_url + path, timeout_s=timeout_s)
+    # The counts prove the UI sees the states made above; config_hash is metadata of the
+    # selected partition, so its panel has loaded too.
+    missing = len(plan.keys) - len(plan.done) - len(plan.failed)
+    counts = (f"Materialized ({len(plan.done)})", f"Failed ({len(plan.failed)})", f"Missing ({missing})")
+    browser.wait_for(
+        _page_has(*plan.done, *plan.failed, *counts, "config_hash"),
+        timeout_s=timeout_s,
+        what=f"partition keys, {', '.join(counts)} and {first}'s metadata on {path}",
+    )
+    _settle(browser)
+    return browser.screenshot(outdir / "classifications_partitions.png")
+
+
+def _shoot_catalog(browser: Chromium, base_url: str, outdir: Path, experiment: str, timeout_s: float) -> Path:
+    """The asset catalog, ``/assets``."""
+    browser.navigate(f"{base_url}/assets", timeout_s=timeout_s)
+    browser.wait_for(
+        _page_has(f"{experiment} / classifications", "narrative_batches", "leaderboard"),
+        timeout_s=timeout_s,
+        what="the asset catalog on /assets",
+    )
+    _settle(browser)
+    return browser.screenshot(outdir / "asset_catalog.png")
 
 
 def run(outdir: Path, *, experiment: str, batch_size: int, palette: bool, keep: Path | None) -> int:

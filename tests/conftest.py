@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from narr_assets.testing.server import serve_in_thread
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample_labelled.xlsx"
 
-POSITIVE = "V was a 30 year old female. Her boyfriend had assaulted her many times and she had a restraining order against him."
+POSITIVE = (
+    "V was a 30 year old female. Her boyfriend had assaulted her many times and she had a restraining "
+    "order against him."
+)
 NEGATIVE = (
     "V was a 52 year old male who died by suicide after losing his job. No history of domestic violence was reported."
 )
@@ -93,3 +97,15 @@ def server():
         yield handle
     finally:
         handle.stop()
+
+
+_WATCHED = ("NARR_", "DAGSTER_HOME")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_settings():
+    """A test may change settings only through `monkeypatch` (undone first) or a resource."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED)}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith(_WATCHED)}
+    assert after == before, f"the test leaked settings into the environment: {set(after.items()) ^ set(before.items())}"

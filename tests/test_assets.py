@@ -10,13 +10,19 @@ from conftest import write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.definitions import build_definitions
+from narr_assets.defs.ingest import INGEST_KEYS, source_change_request, source_file_sensor
+from narr_assets.defs.resources import NarrSettings
 from narr_assets.ingest import file_checksum
-from narr_assets.sensors import source_change_request, source_file_sensor
 from narr_assets.store import Store
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
-INGEST = [dg.AssetKey("raw_narratives"), dg.AssetKey("narratives"), dg.AssetKey("narrative_batches")]
+INGEST = INGEST_KEYS
+
+
+def project_settings(project, source, batch_size: int = 100) -> NarrSettings:
+    """The settings resource of a test project: built directly, no environment edited."""
+    return NarrSettings(source=str(source), data_dir=str(project), batch_size=batch_size)
 
 
 def materialize(defs, instance, keys, partition_range=None, run_config=None):
@@ -77,12 +83,8 @@ def test_shipped_definitions_load_with_all_experiments(monkeypatch):
 
 def test_whole_graph_on_a_temporary_instance(project, server):
     source = write_long_csv(project / "input.csv", 30, placeholders=2)
-    import os
-
-    os.environ["NARR_SOURCE"] = str(source)
-    os.environ["NARR_BATCH_SIZE"] = "20"
     write_experiment(project / "experiments", "llm", server.base_url)
-    defs = build_definitions()
+    defs = build_definitions(settings=project_settings(project, source, batch_size=20))
     with dg.instance_for_test() as instance:
         result = materialize(defs, instance, INGEST)
         assert result.success
@@ -124,10 +126,7 @@ def test_whole_graph_on_a_temporary_instance(project, server):
 
 def test_checksum_check_fails_until_reingested(project):
     source = write_long_csv(project / "input.csv", 5)
-    import os
-
-    os.environ["NARR_SOURCE"] = str(source)
-    defs = build_definitions()
+    defs = build_definitions(settings=project_settings(project, source))
     with dg.instance_for_test() as instance:
         assert materialize(defs, instance, INGEST).success
         with open(source, "a") as fh:
@@ -141,10 +140,7 @@ def test_checksum_check_fails_until_reingested(project):
 
 def test_failed_ingest_leaves_previous_tables(project):
     source = write_long_csv(project / "input.csv", 5)
-    import os
-
-    os.environ["NARR_SOURCE"] = str(source)
-    defs = build_definitions()
+    defs = build_definitions(settings=project_settings(project, source))
     with dg.instance_for_test() as instance:
         assert materialize(defs, instance, INGEST).success
         before = Store(settings.db_path()).read_narratives()
@@ -157,20 +153,19 @@ def test_failed_ingest_leaves_previous_tables(project):
 
 def test_sensor_requests_one_run_per_new_checksum(project):
     source = write_long_csv(project / "input.csv", 3)
-    import os
-
-    os.environ["NARR_SOURCE"] = str(source)
+    resources = {"settings": project_settings(project, source)}
     first = file_checksum(source)
-    decision = source_change_request(first, None)
+    decision = source_change_request(first, None, str(source))
     assert isinstance(decision, dg.RunRequest) and decision.run_key == first
-    assert isinstance(source_change_request(first, first), dg.SkipReason)  # unchanged: nothing
+    assert isinstance(source_change_request(first, first, str(source)), dg.SkipReason)  # unchanged: nothing
+    assert isinstance(source_change_request(None, first, str(source)), dg.SkipReason)  # no file: nothing
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, cursor=first)
+        ctx = dg.build_sensor_context(instance=instance, cursor=first, resources=resources)
         result = source_file_sensor(ctx)
         assert not result.run_requests
         with open(source, "a") as fh:
             fh.write("77,le,Another narrative.,0\n")
-        ctx = dg.build_sensor_context(instance=instance, cursor=first)
+        ctx = dg.build_sensor_context(instance=instance, cursor=first, resources=resources)
         result = source_file_sensor(ctx)
         assert len(result.run_requests) == 1
         assert result.run_requests[0].run_key == file_checksum(source) == result.cursor
@@ -179,7 +174,7 @@ def test_sensor_requests_one_run_per_new_checksum(project):
 def test_experiment_file_error_fails_loading_with_file_name(project):
     bad = project / "experiments" / "broken.yaml"
     bad.write_text("backend: openai\nmodel:\n  temperature: 9\n")
-    with pytest.raises(Exception, match="broken.yaml"):
+    with pytest.raises(Exception, match=r"broken\.yaml"):
         build_definitions()
 
 
@@ -196,11 +191,8 @@ def test_automation_is_opt_in_per_experiment(project, server):
 
 def test_retry_errors_through_run_config(project, server):
     source = write_long_csv(project / "input.csv", 10)
-    import os
-
-    os.environ["NARR_SOURCE"] = str(source)
     write_experiment(project / "experiments", "llm", server.base_url)
-    defs = build_definitions()
+    defs = build_definitions(settings=project_settings(project, source))
     key = dg.AssetKey(["llm", "classifications"])
     with dg.instance_for_test() as instance:
         assert materialize(defs, instance, INGEST).success
@@ -214,7 +206,8 @@ def test_retry_errors_through_run_config(project, server):
         assert errors > 0
         server.configure(truncated=0.0)
         server.reset()
-        config = {"ops": {"llm__classifications": {"config": {"retry_errors": True}}}}
+        op_name = defs.get_assets_def(key).op.name
+        config = {"ops": {op_name: {"config": {"retry_errors": True}}}}
         assert materialize(defs, instance, [key], ("b00000", "b00000"), run_config=config).success
         assert server.stats()["chat_requests"] == errors
         statuses = Store(settings.db_path()).query_df("SELECT DISTINCT status FROM classification_rows")["status"]
@@ -222,18 +215,15 @@ def test_retry_errors_through_run_config(project, server):
 
 
 def test_leaderboard_tables_forget_a_removed_experiment(project, server):
-    import os
-
     source = write_long_csv(project / "input.csv", 8)
     # Mislabel one clearly positive narrative: every experiment then has a disagreement row.
     lines = source.read_text().splitlines()
     assert lines[1].endswith(",1")
     lines[1] = lines[1][:-1] + "0"
     source.write_text("\n".join(lines) + "\n")
-    os.environ["NARR_SOURCE"] = str(source)
     for name, version in (("alpha", "a"), ("beta", "b")):
         write_experiment(project / "experiments", name, server.base_url, version=version)
-    defs = build_definitions()
+    defs = build_definitions(settings=project_settings(project, source))
     store = Store(settings.db_path())
     with dg.instance_for_test() as instance:
         assert materialize(defs, instance, INGEST).success
@@ -250,7 +240,7 @@ def test_leaderboard_tables_forget_a_removed_experiment(project, server):
         ]
 
         (project / "experiments" / "beta.yaml").unlink()
-        defs = build_definitions()
+        defs = build_definitions(settings=project_settings(project, source))
         assert materialize(defs, instance, [dg.AssetKey(["alpha", "metrics"]), dg.AssetKey("leaderboard")]).success
         assert list(store.query_df("SELECT experiment FROM leaderboard")["experiment"]) == ["alpha"]
         assert int(store.query_df("SELECT count(*) AS n FROM pairwise_comparisons")["n"].iloc[0]) == 0

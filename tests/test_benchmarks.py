@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_benchmark_section_runs(tmp_path):
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -49,7 +49,7 @@ def test_every_benchmark_section_runs(tmp_path):
 
 def test_dagster_events_benchmark_runs():
     proc = subprocess.run(
-        [sys.executable, "benchmarks/dagster_events.py", "--partitions", "5", "--reps", "1"],
+        [sys.executable, "-m", "benchmarks.dagster_events", "--partitions", "5", "--reps", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """Real-browser checks in headless Chromium: the HTML report renders, the Dagster UI shows the project.
 
 Skipped only when no Chromium binary is found (`apt-get install chromium`; CI installs it).
-The scripts under test are `scripts/screenshot_report.py` and `scripts/ui_screenshots.py`.
+The scripts under test are `python -m scripts.screenshot_report` and `python -m scripts.ui_screenshots`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _env(project: Path, source: Path) -> dict[str, str]:
 
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    # From the project root, so `python -m scripts.<name>` finds the scripts package.
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -65,7 +66,7 @@ def test_materialized_report_renders_in_chromium(tmp_path):
     report = tmp_path / "reports" / "report.html"
     out = tmp_path / "report.png"
 
-    checked = _run([sys.executable, str(SCRIPTS / "screenshot_report.py"), str(report), str(out)], timeout=90)
+    checked = _run([sys.executable, "-m", "scripts.screenshot_report", str(report), str(out)], timeout=90)
 
     assert checked.returncode == 0, checked.stderr
     plots = int(re.search(r"(\d+) plot\(s\)", checked.stdout).group(1))
@@ -115,7 +116,7 @@ def test_script_fails_on_blank_page_or_missing_plot(tmp_path, body, expected):
     page.write_text(f"<!DOCTYPE html><html><body>{body}</body></html>")
 
     checked = _run(
-        [sys.executable, str(SCRIPTS / "screenshot_report.py"), str(page), str(tmp_path / "out.png")], timeout=60
+        [sys.executable, "-m", "scripts.screenshot_report", str(page), str(tmp_path / "out.png")], timeout=60
     )
 
     assert checked.returncode == 1
@@ -124,7 +125,7 @@ def test_script_fails_on_blank_page_or_missing_plot(tmp_path, body, expected):
 
 def test_script_fails_on_missing_report(tmp_path):
     checked = _run(
-        [sys.executable, str(SCRIPTS / "screenshot_report.py"), str(tmp_path / "nope.html"), str(tmp_path / "out.png")],
+        [sys.executable, "-m", "scripts.screenshot_report", str(tmp_path / "nope.html"), str(tmp_path / "out.png")],
         timeout=60,
     )
     assert checked.returncode == 1 and "no such file" in checked.stderr
@@ -135,7 +136,7 @@ def test_ui_screenshots_show_graph_and_partitions(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NARR_")}
     out = tmp_path / "shots"
 
-    done = _run([sys.executable, str(SCRIPTS / "ui_screenshots.py"), str(out)], env, timeout=170)
+    done = _run([sys.executable, "-m", "scripts.ui_screenshots", str(out)], env, timeout=170)
 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for name in ("asset_graph.png", "classifications_partitions.png", "asset_catalog.png"):

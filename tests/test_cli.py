@@ -95,8 +95,7 @@ def test_sigkill_mid_run_then_resume(llm_project, kill_after_s):
     assert set(rows["status"]) == {"ok", "skipped"}
     import dagster as dg
 
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         statuses = [r.status for r in instance.get_runs()]
     assert dg.DagsterRunStatus.STARTED not in statuses and dg.DagsterRunStatus.FAILURE in statuses
     stats = server.stats()
@@ -143,10 +142,10 @@ def test_parallel_processes_different_and_same_partitions(llm_project):
     assert max(server.stats()["ok_by_text"].values()) == 1  # no narrative paid twice
     # b00000 was requested by three processes at once. Whichever did not get it either failed
     # fast saying why, or (starting after the winner finished) found it up to date.
-    losers = [out for code, out in zip(codes, outputs) if code != 0]
+    losers = [out for code, out in zip(codes, outputs, strict=True) if code != 0]
     assert all("being classified by another run" in out for out in losers), outputs
     assert codes[1:4] == [0, 0, 0]  # groups not involving b00000 never wait or fail
-    for code, out in zip(codes[4:], outputs[4:]):
+    for code, out in zip(codes[4:], outputs[4:], strict=True):
         assert code != 0 or "up to date" in out or "calls " in out
 
 

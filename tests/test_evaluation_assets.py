@@ -5,11 +5,11 @@ from __future__ import annotations
 from conftest import write_experiment, write_long_csv
 
 from narr_assets import evaluation, settings
-from narr_assets.assets_eval import cross_experiment, evaluate_experiment
 from narr_assets.classify import classify_batches
+from narr_assets.corpus import build_narratives, ingest_raw
 from narr_assets.experiments import load_experiment
-from narr_assets.pipeline import build_narratives, ingest_raw
 from narr_assets.report import render_report
+from narr_assets.results import cross_experiment, evaluate_experiment
 from narr_assets.store import Store
 
 

@@ -121,7 +121,7 @@ def test_prompt_files_resolve_relative_to_configs(tmp_path):
     cfg = load_experiment(write(tmp_path, "f", text))
     assert cfg.system_prompt == (ROOT / "configs/prompts/strict.md").read_text()
     missing = text.replace("prompts/strict.md", "prompts/nope.md")
-    with pytest.raises(ExperimentError, match="prompts/nope.md"):
+    with pytest.raises(ExperimentError, match=r"prompts/nope\.md"):
         load_experiment(write(tmp_path, "f", missing))
 
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic data: `narr_assets.generate` and `scripts/make_sample.py`."""
+"""Tests of the synthetic data: `narr_assets.testing.generate` and `scripts.make_sample`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from narr_assets import generate
-from narr_assets.generate import (
+from narr_assets.rules import classify, load_lexicon
+from narr_assets.testing import generate
+from narr_assets.testing.generate import (
     LABEL_COLUMNS,
     PLACEHOLDERS_CME,
     PLACEHOLDERS_LE,
     UNLABELLED_COLUMNS,
     generate_production,
 )
-from narr_assets.rules import classify, load_lexicon
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample_labelled.xlsx"
@@ -186,7 +186,7 @@ def test_committed_sample_is_what_the_script_builds():
     built = make_sample.build_rows()
     read = _sample_rows()
     assert len(read) == len(built) == make_sample.EXPECTED["rows"]
-    for got, want in zip(read, built):
+    for got, want in zip(read, built, strict=True):
         # the float ID comes back as an int: Excel keeps numbers, not their Python type
         assert got == want
 

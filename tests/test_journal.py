@@ -8,18 +8,27 @@ import subprocess
 import sys
 import textwrap
 
-from narr_assets.journal import Journal, JournalStats
+from narr_assets.journal import Journal, JournalStats, answer_record
 
 
 def record(iid: str, attempt: int = 1, at: float = 1.0, content: str = "{}") -> dict:
-    return {
-        "key": [iid, "cme"],
-        "text_hash": "h" + iid,
+    return answer_record((iid, "cme", "h" + iid), "c", attempt, at, {"content": content})
+
+
+def test_record_format_on_disk(tmp_path):
+    """The line format existing journals hold: a change here must still read old segments."""
+    with Journal(tmp_path / "j") as journal:
+        journal.append(record("7", attempt=3, at=5.5, content="x"))
+    line = next((tmp_path / "j").glob("*.jsonl")).read_text()
+    assert json.loads(line) == {
+        "key": ["7", "cme"],
+        "text_hash": "h7",
         "config_hash": "c",
-        "attempt": attempt,
-        "at": at,
-        "response": {"content": content},
+        "attempt": 3,
+        "at": 5.5,
+        "response": {"content": "x"},
     }
+    assert Journal(tmp_path / "j").latest() == {("7", "cme", "h7"): json.loads(line)}
 
 
 def test_append_then_latest_wins(tmp_path):

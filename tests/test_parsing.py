@@ -514,8 +514,11 @@ def test_huge_valid_answer_still_parses() -> None:
 
 
 _TRICKY_ALPHABET = st.sampled_from(
-    [*"{}[]\"'\\:,.#/*\n\t ", "detected", "true", "0. nine", "<|end|>", "</think>", "\x00"]
-    + ["<|channel|>final<|message|>", "\u201c", "I'm sorry"]
+    [
+        *"{}[]\"'\\:,.#/*\n\t ",
+        *("detected", "true", "0. nine", "<|end|>", "</think>", "\x00"),
+        *("<|channel|>final<|message|>", "\u201c", "I'm sorry"),
+    ]
 )
 _ANY_TEXT = st.one_of(
     st.text(),

@@ -13,9 +13,11 @@ from conftest import write_experiment, write_long_csv
 
 from narr_assets import quality, settings
 from narr_assets.classify import ClassificationFailed, classify_batches
+from narr_assets.corpus import build_narratives, ingest_raw
 from narr_assets.experiments import load_experiment
 from narr_assets.ingest import file_checksum
-from narr_assets.pipeline import build_narratives, evaluation_rows, ingest_raw, partition_state
+from narr_assets.results import evaluation_rows
+from narr_assets.status import partition_state
 from narr_assets.store import Store
 
 pytestmark = pytest.mark.reliability
@@ -94,7 +96,7 @@ def test_source_changes_while_an_experiment_runs(project, server):
     view = store.query_df(
         "SELECT incident_id, narrative_type, is_stale FROM classifications WHERE experiment = 'llm' AND is_stale"
     )
-    assert list(zip(view["incident_id"], view["narrative_type"])) == [("1035", "cme")]
+    assert list(zip(view["incident_id"], view["narrative_type"], strict=True)) == [("1035", "cme")]
     ev = evaluation_rows(store, cfg)
     assert ev.loc[(ev["incident_id"] == "1035") & (ev["narrative_type"] == "cme"), "status"].item() == "failed"
     server.reset()

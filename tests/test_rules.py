@@ -1,4 +1,4 @@
-"""Unit tests of the `rules` backend (narr_assets/rules.py) and its lexicon."""
+"""Unit tests of the `rules` backend (the `narr_assets.rules` package) and its lexicon."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from narr_assets import rules
-from narr_assets.generate import Incident, hard_negative_template, positive_template
-from narr_assets.rules import LexiconError, RulesVerdict, classify, load_lexicon
+from narr_assets.rules import LexiconError, RulesVerdict, classifier, classify, load_lexicon, patterns
+from narr_assets.testing.generate import Incident, hard_negative_template, positive_template
 
 LEXICON = Path(__file__).resolve().parent.parent / "configs" / "lexicon.yaml"
 F = "V was a 34-year-old female who died of a self-inflicted gunshot wound at her residence."
@@ -226,7 +226,7 @@ def test_rationale_is_short_and_never_quotes_the_narrative(lexicon, seed):
 
 def test_rationale_is_clipped_to_200_characters():
     labels = {f"indicator number {i} with a long label": 0.3 for i in range(12)}
-    verdict = rules._verdict(labels, {}, load_lexicon(LEXICON).scoring)
+    verdict = classifier._verdict(labels, {}, load_lexicon(LEXICON).scoring)
     assert len(verdict.rationale) <= 200
     assert verdict.rationale.endswith("...")
 
@@ -241,7 +241,7 @@ def test_rationale_is_clipped_to_200_characters():
     ],
 )
 def test_sentence_split(text, sentences):
-    assert len(rules._sentence_starts(text)) == sentences
+    assert len(classifier._sentence_starts(text)) == sentences
 
 
 @pytest.mark.parametrize(
@@ -254,7 +254,7 @@ def test_sentence_split(text, sentences):
     ],
 )
 def test_decedent_sex(text, sex):
-    assert rules._decedent_sex(text) == sex
+    assert classifier._decedent_sex(text) == sex
 
 
 def test_offsets_survive_characters_that_grow_when_lowercased(lexicon):
@@ -274,10 +274,10 @@ def test_trie_rewrite_keeps_the_meaning(lexicon):
         phrases += indicator["terms"]
     for group in raw["abuse"].values():
         phrases += group.get("standalone_terms", []) + group["terms"]
-    frags = [(p, rules._phrase_to_regex(p)) for p in phrases]
-    body = rules._lower_regex(rules._alternation(frags))
+    frags = [(p, patterns.phrase_to_regex(p)) for p in phrases]
+    body = patterns.lower_regex(patterns.alternation(frags))
     plain = re.compile(rf"(?<!\w)(?=\w)(?:{body})")
-    fast = re.compile(rf"(?<!\w)(?=\w)(?:{rules._trie([f'(?:{body})'])})")
+    fast = re.compile(rf"(?<!\w)(?=\w)(?:{patterns.trie([f'(?:{body})'])})")
     assert plain.pattern != fast.pattern
     rng = random.Random(7)
     texts = [text.lower() for text, _ in POSITIVES] + [t.lower() for t, _ in HARD_NEGATIVES]
@@ -293,7 +293,7 @@ def test_trie_rewrite_keeps_the_meaning(lexicon):
 
 
 @pytest.mark.parametrize(
-    ("patterns", "expanded"),
+    ("sources", "expanded"),
     [
         (["(?:a|b)c"], ["ac", "bc"]),
         (["\\b(?:x|(?:y|z)w)v"], ["xv", "ywv", "zwv"]),
@@ -301,8 +301,8 @@ def test_trie_rewrite_keeps_the_meaning(lexicon):
         (["[(]x(?:a|b)"], ["[(]x(?:a|b)"]),
     ],
 )
-def test_distribute(patterns, expanded):
-    assert [alt for p in patterns for alt in rules._distribute(p, True)] == expanded
+def test_distribute(sources, expanded):
+    assert [alt for p in sources for alt in patterns.distribute(p, True)] == expanded
 
 
 def test_throughput(lexicon):

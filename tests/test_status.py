@@ -8,8 +8,9 @@ from conftest import write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, classify_batches
+from narr_assets.corpus import build_narratives, ingest_raw
 from narr_assets.experiments import load_experiment
-from narr_assets.pipeline import build_narratives, experiment_status, ingest_raw
+from narr_assets.status import experiment_status
 from narr_assets.store import Store
 
 

@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -122,8 +123,9 @@ _RATE_FIELDS = (
     "prose",
 )
 # Outcome name for each rate, in the order the single draw is tested.
-_RATE_OUTCOMES = dict(zip(_RATE_FIELDS, ("rate_limited",) + _RATE_FIELDS[1:], strict=True))
+_RATE_OUTCOMES = dict(zip(_RATE_FIELDS, ("rate_limited", *_RATE_FIELDS[1:]), strict=True))
 _SECONDS_FIELDS = ("latency_s", "jitter_s", "retry_after_s", "hang_s")
+_COUNT_FIELDS = ("fail_first_n", "seed")
 _MAX_BODY_BYTES = 16 * 1024 * 1024
 _HEADER_LIMIT = 64 * 1024
 
@@ -209,19 +211,8 @@ class FaultConfig:
 
 def _validate_field(key: str, value: Any) -> Any:
     """Validate one config value; raise ValueError naming ``key`` if invalid."""
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if key in _RATE_FIELDS:
-        if not is_number or not 0.0 <= value <= 1.0:
-            raise ValueError(f"fault config {key!r} must be a number in [0, 1], got {value!r}")
-        return float(value)
-    if key in _SECONDS_FIELDS:
-        if not is_number or value < 0:
-            raise ValueError(f"fault config {key!r} must be a number >= 0, got {value!r}")
-        return float(value)
-    if key in ("fail_first_n", "seed"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"fault config {key!r} must be an integer >= 0, got {value!r}")
-        return value
+    if key in _RATE_FIELDS or key in _SECONDS_FIELDS or key in _COUNT_FIELDS:
+        return _validate_number(key, value)
     if key == "models":
         if isinstance(value, str) or not isinstance(value, Iterable):
             raise ValueError(f"fault config 'models' must be a list of names, got {value!r}")
@@ -242,6 +233,22 @@ def _validate_field(key: str, value: Any) -> Any:
             raise ValueError(f"fault config 'include_reasoning' must be a boolean, got {value!r}")
         return value
     raise ValueError(f"unknown fault config key {key!r}")  # pragma: no cover - guarded by merged()
+
+
+def _validate_number(key: str, value: Any) -> float | int:
+    """Validate a rate, a duration in seconds or a count (see :func:`_validate_field`)."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if key in _RATE_FIELDS:
+        if not is_number or not 0.0 <= value <= 1.0:
+            raise ValueError(f"fault config {key!r} must be a number in [0, 1], got {value!r}")
+        return float(value)
+    if key in _SECONDS_FIELDS:
+        if not is_number or value < 0:
+            raise ValueError(f"fault config {key!r} must be a number >= 0, got {value!r}")
+        return float(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"fault config {key!r} must be an integer >= 0, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- answers
@@ -606,15 +613,15 @@ class FakeOpenAIServer:
                 except asyncio.IncompleteReadError:
                     return  # client closed the (idle) connection
                 except asyncio.LimitOverrunError:
-                    reply = _Reply(431, _error_body("request headers too large", "invalid_request_error", None))
-                    writer.write(_http_bytes(reply, close=True))
+                    refused = _Reply(431, _error_body("request headers too large", "invalid_request_error", None))
+                    writer.write(_http_bytes(refused, close=True))
                     return
                 try:
                     method, path, headers, close = self._parse_head(head)
                     body = await self._read_body(reader, headers)
                 except _BadRequest as exc:
-                    reply = _Reply(exc.status, _error_body(str(exc), "invalid_request_error", None))
-                    writer.write(_http_bytes(reply, close=True))
+                    refused = _Reply(exc.status, _error_body(str(exc), "invalid_request_error", None))
+                    writer.write(_http_bytes(refused, close=True))
                     return
                 if not counted and not path.startswith("/_"):
                     # Count API connections only, so keep-alive reuse is visible in the stats.
@@ -1023,16 +1030,19 @@ def serve_in_subprocess(
         "--exit-on-stdin-eof",
     ]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
+    # A pipe with the default buffering is a BufferedReader, whose read1() returns what is
+    # there without waiting for more; typeshed only knows it as IO[bytes].
+    stdout = proc.stdout
+    assert isinstance(stdout, io.BufferedReader)
     deadline = time.monotonic() + startup_timeout_s
     line = b""
     while not line.endswith(b"\n"):
         remaining = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stdout], [], [], max(remaining, 0))
+        ready, _, _ = select.select([stdout], [], [], max(remaining, 0))
         if not ready:
             _terminate(proc)
             raise RuntimeError(f"fake LLM server did not start within {startup_timeout_s} s")
-        chunk = proc.stdout.read1(4096)
+        chunk = stdout.read1(4096)
         if not chunk:
             _terminate(proc)
             raise RuntimeError(f"fake LLM server exited during startup (exit code {proc.returncode})")

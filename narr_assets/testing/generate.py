@@ -1,4 +1,4 @@
-"""Synthetic NVDRS-style narratives: the bundled labelled sample and production-sized files.
+"""Synthetic NVDRS-style narratives for tests and benchmarks: the bundled sample and production-sized files.
 
 Every sentence below is written for this project in the style of NVDRS death-investigation
 narratives ("V was a 34-year-old female who died of ..."); no real narrative is used. A
@@ -12,9 +12,10 @@ fillers, so that a lexicon cannot separate the classes perfectly:
   stress, homicide-victim wording and a few traps (`TRAP_NEGATIVE`) that a lexicon misreads.
 
 `generate_production` writes the unlabelled (or labelled) wide layout at the proportions of
-the real production file (DOMAIN.md), scaled to the requested number of rows:
+the real production file (20,946 rows, 35,312 non-empty narratives; see `PRODUCTION`),
+scaled to the requested number of rows:
 
-    python -m narr_assets.generate --out data/generated/production.xlsx [--incidents N]
+    python -m narr_assets.testing.generate --out data/generated/production.xlsx [--incidents N]
         [--seed S] [--labelled]
 """
 
@@ -28,6 +29,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,18 @@ from openpyxl import Workbook
 UNLABELLED_COLUMNS = ("IncidentID", "IncidentYear", "SiteID", "NarrativeCME", "NarrativeLE")
 LABEL_COLUMNS = ("ipv_manualCME", "ipv_manualLE", "ipv_manual")
 
-# DOMAIN.md: the production file, which the generator scales to the requested row count.
-PRODUCTION = {
+# The real production file, which the generator scales to the requested row count: 20,946
+# rows (20,940 incidents, 6 of them on two rows), 35,312 non-empty narratives.
+PRODUCTION: dict[str, int] = {
     "rows": 20946,
     "duplicated_incidents": 6,
     "both": 15327,
     "cme_only": 4222,
     "le_only": 436,
     "placeholders": 1500,  # between 1,254 and 1,952 in the real file
-    "positive_incident_rate": 0.084,
 }
+# Share of the production incidents with a narrative that are positive.
+POSITIVE_INCIDENT_RATE = 0.084
 
 PLACEHOLDERS_LE = (
     "Need LE report.",
@@ -109,14 +113,14 @@ _VEHICLE = ("in {pos} vehicle parked behind a shopping center",)
 METHODS = (
     ("a self-inflicted gunshot wound to the head", _HOME + _OUTDOORS + _VEHICLE),
     ("a self-inflicted gunshot wound to the chest", _HOME + _OUTDOORS),
-    ("hanging", _HOME + _OUTDOORS + ("in the garage of {pos} home", "in a motel room")),
-    ("asphyxia due to hanging", _HOME + ("in the garage of {pos} home", "in a shed on {pos} property")),
-    ("an intentional overdose of prescription medication", _HOME + ("in a motel room",)),
-    ("mixed drug toxicity", _HOME + ("in a motel room",) + _VEHICLE),
-    ("carbon monoxide poisoning", ("in the garage of {pos} home",) + _VEHICLE),
-    ("sharp force injuries", _HOME + ("in a motel room",)),
+    ("hanging", (*_HOME, *_OUTDOORS, "in the garage of {pos} home", "in a motel room")),
+    ("asphyxia due to hanging", (*_HOME, "in the garage of {pos} home", "in a shed on {pos} property")),
+    ("an intentional overdose of prescription medication", (*_HOME, "in a motel room")),
+    ("mixed drug toxicity", (*_HOME, "in a motel room", *_VEHICLE)),
+    ("carbon monoxide poisoning", ("in the garage of {pos} home", *_VEHICLE)),
+    ("sharp force injuries", (*_HOME, "in a motel room")),
     ("blunt force injuries after jumping from a parking structure", ("downtown", "near {pos} workplace")),
-    ("asphyxia due to a plastic bag over the head", _HOME + ("in a motel room",)),
+    ("asphyxia due to a plastic bag over the head", (*_HOME, "in a motel room")),
 )
 
 OPENERS_CME = (
@@ -141,7 +145,10 @@ FILLERS_CME = (
     "Toxicology was positive for {substance}.",
     "Toxicology testing was negative for alcohol and drugs.",
     "The autopsy found no injuries other than those related to the cause of death.",
-    "{Pr} had a history of depression and had been prescribed an antidepressant, though family said {pr} had stopped taking it.",
+    (
+        "{Pr} had a history of depression and had been prescribed an antidepressant, though family said {pr} had"
+        " stopped taking it."
+    ),
     "{Pr} had been diagnosed with {illness} and was reportedly in constant pain.",
     "{Pr} had made a previous suicide attempt by overdose in {year}.",
     "{Pr} left a note apologizing to {pos} family.",
@@ -186,7 +193,10 @@ POSITIVE = {
         "According to {pos} sister, {pos} {partner} had beaten {obj} several times in the months before {pos} death.",
         "{Pr} had told {pos} therapist that {pos} {partner} choked {obj} during an argument in {month}.",
         "Friends said {pos} {partner} would push and slap {obj} when {ppr} was drinking.",
-        "{Pr} had been in a relationship with {pos} {partner} for three years. {Ppr} had hit {obj} on several occasions, once breaking {pos} nose.",
+        (
+            "{Pr} had been in a relationship with {pos} {partner} for three years. {Ppr} had hit {obj} on several"
+            " occasions, once breaking {pos} nose."
+        ),
     ),
     "sexual": (
         "{Pr} had disclosed to a counselor that {pos} {partner} had raped {obj} on several occasions.",
@@ -195,7 +205,10 @@ POSITIVE = {
     "psychological": (
         "{Pos} {partner} had threatened to kill {obj} if {pr} ever left.",
         "{Pr} told friends that {pos} {ex} was stalking {obj} and tracking {pos} location.",
-        "Family described {pos} {partner} as extremely controlling; {ppr} monitored {pos} phone and would not let {obj} see {pos} friends.",
+        (
+            "Family described {pos} {partner} as extremely controlling; {ppr} monitored {pos} phone and would not"
+            " let {obj} see {pos} friends."
+        ),
     ),
     "emotional": (
         "{Pos} {partner} was verbally abusive and constantly belittled {obj} in front of the children.",
@@ -206,7 +219,10 @@ POSITIVE = {
         "{Pr} had told {pos} mother that {pos} {partner} took {pos} paychecks and left {obj} with nothing for food.",
     ),
     "legal": (
-        "{Pos} {ex} had filed false reports against {obj} with child protective services and threatened to take the children.",
+        (
+            "{Pos} {ex} had filed false reports against {obj} with child protective services and threatened to"
+            " take the children."
+        ),
     ),
     "shelter": (
         "{Pr} had stayed at a domestic violence shelter with {pos} children earlier that year.",
@@ -227,7 +243,10 @@ POSITIVE = {
     "domestic issues": ("{Pr} and {pos} {partner} had a history of domestic issues, and {pr} had recently moved out.",),
 }
 SUBTLE_POSITIVE = (
-    "{Pr} told a friend {pr} was afraid of {pos} {partner}, who had put {ppos} hands around {pos} neck during a fight last spring.",
+    (
+        "{Pr} told a friend {pr} was afraid of {pos} {partner}, who had put {ppos} hands around {pos} neck during"
+        " a fight last spring."
+    ),
     "Photos on {pos} phone showed injuries that {pr} said were caused by {pos} {partner}.",
     "{Pr} had moved into a shelter with the children two months earlier to get away from {pos} {partner}.",
     "{Pos} {partner} kept {obj} from seeing family and took {pos} car keys whenever {pr} tried to leave.",
@@ -254,7 +273,10 @@ HARD_NEGATIVE = {
         "{Pr} had a history of violence toward {pos} {partner} and had been ordered to attend anger management.",
     ),
     "breakup": (
-        "{Pr} and {pos} {partner} had separated a month earlier, and {pr} was described as distraught over the breakup.",
+        (
+            "{Pr} and {pos} {partner} had separated a month earlier, and {pr} was described as distraught over the"
+            " breakup."
+        ),
         "{Pos} {partner} had recently ended their relationship of six years.",
         "{Pr} had been having relationship problems with {pos} {partner} and had moved in with {pos} {relative}.",
     ),
@@ -267,15 +289,24 @@ HARD_NEGATIVE = {
         "{Pr} had significant gambling debts and {pos} {partner} had recently found out.",
     ),
     "homicide victim": (
-        "V was shot and killed by {pos} estranged {partner}, who then died of a self-inflicted gunshot wound. Family said {ppr} had been abusive toward {obj} for years.",
-        "V was fatally stabbed by {pos} {ex} during an argument at the residence. {Pr} had previously reported that {ppr} assaulted {obj}.",
+        (
+            "V was shot and killed by {pos} estranged {partner}, who then died of a self-inflicted gunshot wound."
+            " Family said {ppr} had been abusive toward {obj} for years."
+        ),
+        (
+            "V was fatally stabbed by {pos} {ex} during an argument at the residence. {Pr} had previously reported"
+            " that {ppr} assaulted {obj}."
+        ),
     ),
 }
 TRAP_NEGATIVE = (
     "{Pr} worked as an advocate at a domestic violence shelter.",
     "V's daughter had recently obtained a protective order against her boyfriend, which had upset V.",
     "{Pr} had been investigated for a domestic battery in {year} involving {pos} {partner}, but charges were dropped.",
-    "As a police officer, {pr} had responded to many domestic violence calls and had spoken about the stress of the job.",
+    (
+        "As a police officer, {pr} had responded to many domestic violence calls and had spoken about the stress"
+        " of the job."
+    ),
 )
 
 # A homicide victim's narrative cannot open or go on like a suicide's.
@@ -431,6 +462,26 @@ class Incident:
         if (sentences is None) == (length is None):
             raise ValueError("give exactly one of sentences and length")
         rng = self.rng
+        openers, pool = self._banks(kind, special)
+        body = [self.fill(t) for t in special]
+        fillers: list[str] = []
+        if sentences is not None:
+            n_special = sum(t.count(". ") + 1 for t in special)  # a template may hold two
+            n_fill = max(0, rng.randint(*sentences) - 1 - n_special)
+            fillers = [self.fill(t) for t in pool[:n_fill]]
+        elif length is not None:
+            target = rng.randint(*length)
+            fillers = self._fill_up_to(target, pool, size=sum(len(s) + 1 for s in body) + 120)
+        # the special sentences go somewhere in the middle, as investigators write them
+        parts = fillers[:]
+        for sentence in body:
+            parts.insert(rng.randint(0, len(parts)), sentence)
+        return " ".join([self.fill(rng.choice(openers)), *parts])
+
+    def _banks(self, kind: str, special: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
+        """The openers and the shuffled filler pool for a narrative of `kind` holding `special`."""
+        rng = self.rng
+        openers: tuple[str, ...]
         if any(t in HARD_NEGATIVE["homicide victim"] for t in special):
             openers, pool = OPENERS_HOMICIDE, list(FILLERS_HOMICIDE)
         else:
@@ -440,26 +491,18 @@ class Incident:
             # mostly the narrative type's own fillers, with a few of the other type's
             pool = list(own) + rng.sample(other, 4)
         rng.shuffle(pool)
-        body = [self.fill(t) for t in special]
+        return openers, pool
+
+    def _fill_up_to(self, target: int, pool: Sequence[str], *, size: int) -> list[str]:
+        """Fillers from `pool`, in order, until the narrative (`size` characters so far) reaches `target`."""
         fillers = []
-        if sentences is not None:
-            n_special = sum(t.count(". ") + 1 for t in special)  # a template may hold two
-            n_fill = max(0, rng.randint(*sentences) - 1 - n_special)
-            fillers = [self.fill(t) for t in pool[:n_fill]]
-        else:
-            target = rng.randint(*length)
-            size = sum(len(s) + 1 for s in body) + 120
-            for t in pool:
-                if size >= target:
-                    break
-                sentence = self.fill(t)
-                fillers.append(sentence)
-                size += len(sentence) + 1
-        # the special sentences go somewhere in the middle, as investigators write them
-        parts = fillers[:]
-        for sentence in body:
-            parts.insert(rng.randint(0, len(parts)), sentence)
-        return " ".join([self.fill(rng.choice(openers)), *parts])
+        for t in pool:
+            if size >= target:
+                break
+            sentence = self.fill(t)
+            fillers.append(sentence)
+            size += len(sentence) + 1
+        return fillers
 
 
 def positive_template(rng: random.Random, *, subtle_rate: float = 0.2) -> str:
@@ -480,7 +523,7 @@ def hard_negative_template(rng: random.Random, *, trap_rate: float = 0.15) -> st
 
 
 def _scaled(count: int, scale: float) -> int:
-    return int(round(count * scale))
+    return round(count * scale)
 
 
 def _plan(n_rows: int) -> dict[str, int]:
@@ -505,10 +548,29 @@ def _plan(n_rows: int) -> dict[str, int]:
     }
 
 
-def _production_rows(n_rows: int, seed: int, labelled: bool) -> tuple[list[str], Iterator[list[Any]], dict[str, Any]]:
-    """The header, a lazy row iterator and the stats it fills in (mean_chars at the end)."""
-    rng = random.Random(seed)
-    plan = _plan(n_rows)
+@dataclass(frozen=True)
+class _Layout:
+    """The random layout of a production file, drawn before any narrative is written.
+
+    Attributes:
+        shapes: Per incident, which narratives it has: "both", "cme", "le" or "none".
+        ids: Per incident, its IncidentID.
+        positive: The positive incidents.
+        placeholder: The (incident, "cme" | "le") cells holding a placeholder.
+        duplicated: The incidents written on two rows.
+        order: The incidents in row order (the duplicated ones twice).
+    """
+
+    shapes: list[str]
+    ids: list[int]
+    positive: set[int]
+    placeholder: set[tuple[int, str]]
+    duplicated: set[int]
+    order: list[int]
+
+
+def _layout(rng: random.Random, plan: dict[str, int]) -> _Layout:
+    """Draw the shapes, IDs, positives, placeholders, duplicates and row order of `plan`."""
     n_inc = plan["incidents"]
     shapes = (
         ["both"] * plan["both"]
@@ -519,89 +581,110 @@ def _production_rows(n_rows: int, seed: int, labelled: bool) -> tuple[list[str],
     rng.shuffle(shapes)
     ids = rng.sample(range(100000, 100000 + 40 * max(n_inc, 1000)), n_inc)
     with_text = [i for i, shape in enumerate(shapes) if shape != "none"]
-    n_pos = int(round(PRODUCTION["positive_incident_rate"] * len(with_text)))
+    n_pos = round(POSITIVE_INCIDENT_RATE * len(with_text))
     positive = set(rng.sample(with_text, n_pos))
-    # placeholders replace some narratives; an LE report is the one usually still missing
-    cells = [(i, "le") for i, s in enumerate(shapes) if s in ("both", "le")]
-    cells += [(i, "cme") for i, s in enumerate(shapes) if s in ("both", "cme")]
-    le_cells = [c for c in cells if c[1] == "le"]
-    cme_cells = [c for c in cells if c[1] == "cme"]
-    n_ph = min(plan["placeholders"], len(cells))
-    n_ph_le = min(len(le_cells), int(round(n_ph * 0.8)))
-    placeholder = set(rng.sample(le_cells, n_ph_le))
-    placeholder |= set(rng.sample(cme_cells, min(len(cme_cells), n_ph - n_ph_le)))
+    placeholder = _placeholder_cells(rng, shapes, plan["placeholders"])
     dup_pool = [i for i, s in enumerate(shapes) if s == "both"]
     duplicated = set(rng.sample(dup_pool, min(plan["duplicate_rows"], len(dup_pool))))
     order = list(range(n_inc)) + sorted(duplicated)
     rng.shuffle(order)
+    return _Layout(shapes, ids, positive, placeholder, duplicated, order)
 
+
+def _placeholder_cells(rng: random.Random, shapes: list[str], n_placeholders: int) -> set[tuple[int, str]]:
+    """The narrative cells a placeholder replaces; an LE report is the one usually still missing."""
+    cells = [(i, "le") for i, s in enumerate(shapes) if s in ("both", "le")]
+    cells += [(i, "cme") for i, s in enumerate(shapes) if s in ("both", "cme")]
+    le_cells = [c for c in cells if c[1] == "le"]
+    cme_cells = [c for c in cells if c[1] == "cme"]
+    n_ph = min(n_placeholders, len(cells))
+    n_ph_le = min(len(le_cells), round(n_ph * 0.8))
+    placeholder = set(rng.sample(le_cells, n_ph_le))
+    placeholder |= set(rng.sample(cme_cells, min(len(cme_cells), n_ph - n_ph_le)))
+    return placeholder
+
+
+def _positive_types(rng: random.Random, real: list[str]) -> set[str]:
+    """Which of a positive incident's real (non-placeholder) narratives carry the IPV content."""
+    if not real:
+        return set()
+    pick = rng.random()
+    if len(real) == 2:
+        return {"cme", "le"} if pick < 0.55 else ({"le"} if pick < 0.8 else {"cme"})
+    return set(real)
+
+
+def _narrative_cell(
+    rng: random.Random, incident: Incident, kind: str, *, positive: bool, placeholder: bool
+) -> tuple[str, int | None]:
+    """One narrative cell and its label: a placeholder (no label) or a narrative of 600-1,500 characters."""
+    if placeholder:
+        return rng.choice(PLACEHOLDERS_LE if kind == "le" else PLACEHOLDERS_CME), None
+    special = []
+    if positive:
+        special.append(positive_template(rng))
+    elif rng.random() < 0.12:
+        special.append(hard_negative_template(rng))
+    return incident.narrative(kind, special=special, length=(600, 1500)), int(positive)
+
+
+def _rows(rng: random.Random, layout: _Layout, labelled: bool, stats: dict[str, Any]) -> Iterator[list[Any]]:
+    """The data rows in order, counting positives into `stats` as they go (mean_chars at the end)."""
+    cache: dict[int, list[Any]] = {}
+    total_chars = n_text = 0
+    for i in layout.order:
+        if i in cache:  # a duplicated incident: the very same row again
+            yield cache[i]
+            continue
+        inc = Incident(rng, female_rate=0.7 if i in layout.positive else 0.22)
+        present = [t for t in ("cme", "le") if layout.shapes[i] in ("both", t)]
+        real = [t for t in present if (i, t) not in layout.placeholder]
+        pos_types = _positive_types(rng, real) if i in layout.positive else set()
+        texts: dict[str, str | None] = {"cme": None, "le": None}
+        labels: dict[str, int | None] = {"cme": None, "le": None}
+        for t in present:
+            text, labels[t] = _narrative_cell(
+                rng, inc, t, positive=t in pos_types, placeholder=(i, t) in layout.placeholder
+            )
+            texts[t] = text
+            if t in real:
+                total_chars += len(text)
+                n_text += 1
+        incident_label = int(bool(pos_types))
+        stats["positive_incidents"] += incident_label
+        stats["positive_narratives"] += len(pos_types)
+        row: list[Any] = [layout.ids[i], rng.randint(2015, 2022), rng.choice(SITES), texts["cme"], texts["le"]]
+        if labelled:
+            known = labels["cme"] is not None or labels["le"] is not None
+            row += [labels["cme"], labels["le"], incident_label if known else None]
+        if i in layout.duplicated:
+            cache[i] = row
+        yield row
+    stats["mean_chars"] = round(total_chars / n_text, 1) if n_text else 0.0
+
+
+def _production_rows(n_rows: int, seed: int, labelled: bool) -> tuple[list[str], Iterator[list[Any]], dict[str, Any]]:
+    """The header, a lazy row iterator and the stats it fills in (mean_chars at the end)."""
+    rng = random.Random(seed)
+    plan = _plan(n_rows)
+    layout = _layout(rng, plan)
     stats: dict[str, Any] = {
-        "rows": len(order),
-        "incidents": n_inc,
-        "duplicate_rows": len(duplicated),
+        "rows": len(layout.order),
+        "incidents": plan["incidents"],
+        "duplicate_rows": len(layout.duplicated),
         "both": plan["both"],
         "cme_only": plan["cme_only"],
         "le_only": plan["le_only"],
         "no_narrative": plan["no_narrative"],
         "narratives_cme": plan["both"] + plan["cme_only"],
         "narratives_le": plan["both"] + plan["le_only"],
-        "placeholders": len(placeholder),
+        "placeholders": len(layout.placeholder),
         "positive_incidents": 0,
         "positive_narratives": 0,
         "mean_chars": 0.0,
     }
     columns = list(UNLABELLED_COLUMNS) + (list(LABEL_COLUMNS) if labelled else [])
-
-    def rows() -> Iterator[list[Any]]:
-        cache: dict[int, list[Any]] = {}
-        total_chars = n_text = 0
-        for i in order:
-            if i in cache:  # a duplicated incident: the very same row again
-                yield cache[i]
-                continue
-            inc = Incident(rng, female_rate=0.7 if i in positive else 0.22)
-            shape = shapes[i]
-            has = {"cme": shape in ("both", "cme"), "le": shape in ("both", "le")}
-            pos_types: set[str] = set()
-            if i in positive:
-                real = [t for t in ("cme", "le") if has[t] and (i, t) not in placeholder]
-                if real:
-                    pick = rng.random()
-                    if len(real) == 2:
-                        pos_types = {"cme", "le"} if pick < 0.55 else ({"le"} if pick < 0.8 else {"cme"})
-                    else:
-                        pos_types = set(real)
-            texts: dict[str, str | None] = {}
-            labels: dict[str, int | None] = {}
-            for t in ("cme", "le"):
-                if not has[t]:
-                    texts[t], labels[t] = None, None
-                elif (i, t) in placeholder:
-                    texts[t] = rng.choice(PLACEHOLDERS_LE if t == "le" else PLACEHOLDERS_CME)
-                    labels[t] = None
-                else:
-                    special = []
-                    if t in pos_types:
-                        special.append(positive_template(rng))
-                    elif rng.random() < 0.12:
-                        special.append(hard_negative_template(rng))
-                    text = inc.narrative(t, special=special, length=(600, 1500))
-                    texts[t], labels[t] = text, int(t in pos_types)
-                    total_chars += len(text)
-                    n_text += 1
-            incident_label = int(bool(pos_types))
-            stats["positive_incidents"] += incident_label
-            stats["positive_narratives"] += len(pos_types)
-            row: list[Any] = [ids[i], rng.randint(2015, 2022), rng.choice(SITES), texts["cme"], texts["le"]]
-            if labelled:
-                known = labels["cme"] is not None or labels["le"] is not None
-                row += [labels["cme"], labels["le"], incident_label if known else None]
-            if i in duplicated:
-                cache[i] = row
-            yield row
-        stats["mean_chars"] = round(total_chars / n_text, 1) if n_text else 0.0
-
-    return columns, rows(), stats
+    return columns, _rows(rng, layout, labelled, stats), stats
 
 
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -670,11 +753,11 @@ def generate_production(
 ) -> dict[str, Any]:
     """Write a production-shaped file of synthetic narratives.
 
-    The proportions are those of the real production file (DOMAIN.md) scaled to
-    `n_incidents` rows: 6 of 20,946 rows repeat an incident, 15,327 incidents have both
-    narratives, 4,222 only CME, 436 only LE, the rest none; about 1,500 narratives are
-    placeholders ("Need LE report." and variants); 8.4% of incidents with a narrative are
-    positive; narratives are 600-1,500 characters.
+    The proportions are those of the real production file scaled to `n_incidents` rows: 6 of
+    20,946 rows repeat an incident, 15,327 incidents have both narratives, 4,222 only CME,
+    436 only LE, the rest none; about 1,500 narratives are placeholders ("Need LE report."
+    and variants); 8.4% of incidents with a narrative are positive; narratives are
+    600-1,500 characters.
 
     Args:
         path: Output `.xlsx` or `.csv` (the wide layout, first sheet).
@@ -701,7 +784,9 @@ def generate_production(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: write a production-shaped file and print its counts."""
-    parser = argparse.ArgumentParser(prog="python -m narr_assets.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m narr_assets.testing.generate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", required=True, help="output .xlsx or .csv")
     parser.add_argument(
         "--incidents",

@@ -1,0 +1,74 @@
+"""Across experiments: the leaderboard (with pairwise tests), the HTML report and the exports."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from narr_assets import evaluation
+from narr_assets.defs.experiment import metrics_key
+from narr_assets.defs.metadata import frame_md
+from narr_assets.defs.resources import NarrSettings
+from narr_assets.experiments import ExperimentConfig
+from narr_assets.exports import export_frame, write_export
+from narr_assets.report import render_report
+from narr_assets.results import cross_experiment
+from narr_assets.store import Store
+
+LEADERBOARD_SHOWN = ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share")
+
+
+def build_comparison_defs(experiments: list[ExperimentConfig]) -> dg.Definitions:
+    """`leaderboard` -> `report`, and `exports`, over every experiment's metrics."""
+    metrics_keys = [metrics_key(cfg) for cfg in experiments]
+
+    @dg.asset(deps=metrics_keys, group_name="evaluation", kinds={"duckdb"})
+    def leaderboard(duckdb: DuckDBResource) -> dg.MaterializeResult:
+        """Experiments ranked by strict F1 with intervals, coverage and pairwise tests."""
+        store = Store(duckdb)
+        evals, pairwise, disagreements = cross_experiment(store, experiments)
+        board = evaluation.leaderboard(evals)
+        # All three tables are replaced every time, empty ones included: a comparison with an
+        # experiment that was removed or changed must not outlive it.
+        store.replace_table("leaderboard", board)
+        store.replace_table("pairwise_comparisons", evaluation.pairwise_table(pairwise))
+        store.replace_table(
+            "disagreements",
+            evaluation.disagreement_table([frame.assign(experiment=name) for name, frame in disagreements.items()]),
+        )
+        shown = board[[c for c in LEADERBOARD_SHOWN if c in board]]
+        return dg.MaterializeResult(metadata={"experiments": len(board), "leaderboard": frame_md(shown)})
+
+    @dg.asset(deps=[leaderboard], group_name="evaluation", kinds={"html"})
+    def report(
+        context: dg.AssetExecutionContext, settings: NarrSettings, duckdb: DuckDBResource
+    ) -> dg.MaterializeResult:
+        """One self-contained HTML report (plots, tables, disagreements) per run."""
+        # Recomputed rather than read back from the tables `leaderboard` wrote: the evaluations
+        # come from the metrics assets either way, and recomputing keeps every section of the
+        # report from the same moment (about a second at production size).
+        evals, pairwise, disagreements = cross_experiment(Store(duckdb), experiments)
+        board = evaluation.leaderboard(evals)
+        reports = settings.layout.reports
+        out = reports / f"report-{context.run.run_id[:8]}.html"
+        render_report(evals, board, disagreements, out, pairwise=pairwise)
+        latest = reports / "report.html"
+        latest.write_bytes(out.read_bytes())
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(str(out)),
+                "latest": dg.MetadataValue.path(str(latest)),
+                "experiments": len(evals),
+            }
+        )
+
+    @dg.asset(deps=metrics_keys, group_name="evaluation", kinds={"csv"})
+    def exports(settings: NarrSettings, duckdb: DuckDBResource) -> dg.MaterializeResult:
+        """CSV of each evaluated experiment's results joined with the narratives."""
+        store = Store(duckdb)
+        written = {}
+        for cfg in experiments:
+            frame = export_frame(store, cfg.name)
+            if not frame.empty:
+                written[cfg.name] = str(write_export(frame, settings.layout.exports / f"{cfg.name}.csv", "csv"))
+        return dg.MaterializeResult(metadata={"files": dg.MetadataValue.json(written)})
+
+    return dg.Definitions(assets=[leaderboard, report, exports])

@@ -1,0 +1,123 @@
+"""Where an experiment stands: which batches are complete, what is left, how fast it goes.
+
+The batch-complete rule lives here, once (`partition_state`), and both the engine (which
+batches a run leaves alone) and `narr status` / `narr run` (what is missing) read it.
+A batch is complete when every one of its narratives has a current row (`store.CURRENT_ROW`)
+parsed by the current parser; `Store.partition_status` explains why the parser version counts
+here but not in evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from narr_assets.experiments import ExperimentConfig
+from narr_assets.store import CURRENT_ROW, Store
+
+
+@dataclass
+class PartitionState:
+    """The batches of `narratives` for one experiment, sorted into complete and not.
+
+    `done` and `missing` split the batches by the batch-complete rule; `with_errors` holds the
+    batches with at least one answer-error row (current or not), which `--retry-errors` asks
+    again. `table` is `Store.partition_status` as read.
+    """
+
+    done: list[str]
+    missing: list[str]
+    with_errors: list[str]
+    table: pd.DataFrame
+
+    def to_run(self, retry_errors: bool = False) -> list[str]:
+        """Batches a run has work in: the missing ones, and with `retry_errors` the erroneous ones."""
+        return sorted(set(self.missing) | (set(self.with_errors) if retry_errors else set()))
+
+    def up_to_date(self, retry_errors: bool = False) -> list[str]:
+        """Batches a run leaves alone (not locked, not rewritten): every other batch of `table`."""
+        work = set(self.to_run(retry_errors))
+        return sorted(b for b in self.table["batch_id"] if b not in work)
+
+
+def partition_state(store: Store, cfg: ExperimentConfig) -> PartitionState:
+    """Which batches are complete for the current config, texts and parser, and which are not.
+
+    The batch-complete rule: every narrative of the batch has a current row parsed by the
+    current parser (`current_rows == narratives` in `Store.partition_status`).
+    """
+    table = store.partition_status(cfg.name, cfg.config_hash)
+    complete = table["current_rows"] == table["narratives"]
+    return PartitionState(
+        done=list(table.loc[complete, "batch_id"]),
+        missing=list(table.loc[~complete, "batch_id"]),
+        with_errors=list(table.loc[table["error_rows"] > 0, "batch_id"]),
+        table=table,
+    )
+
+
+def summarise_statuses(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Rows and tokens by status over every stored row of the current config.
+
+    Unlike the batch counts this does not join `narratives`: a row whose narrative was since
+    edited or removed still counts here (its tokens were spent).
+    """
+    rows = store.query_rows(
+        """
+        SELECT status, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+        FROM classification_rows WHERE experiment = ? AND config_hash = ? GROUP BY status ORDER BY status
+        """,
+        [cfg.name, cfg.config_hash],
+    )
+    return {
+        "by_status": {status: int(n) for status, n, _, _ in rows},
+        "prompt_tokens": sum(int(prompt) for _, _, prompt, _ in rows),
+        "completion_tokens": sum(int(completion) for _, _, _, completion in rows),
+    }
+
+
+def remaining_calls(store: Store, cfg: ExperimentConfig) -> int:
+    """Narratives without a current row, placeholders excluded when the experiment skips them.
+
+    Rows from an older parser are current here: re-parsing them costs no call.
+    """
+    (remaining,) = store.query_row(
+        f"""
+        SELECT count(*) FROM narratives n
+        LEFT JOIN classification_rows c ON {CURRENT_ROW}
+        WHERE c.status IS NULL AND NOT (n.is_placeholder AND $skip_placeholders)
+        """,
+        {"experiment": cfg.name, "config_hash": cfg.config_hash, "skip_placeholders": cfg.run.skip_placeholders},
+    )
+    return int(remaining)
+
+
+def experiment_status(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Progress of one experiment: batches, rows, tokens, and an ETA from active run time.
+
+    The rate is calls per second of *active* run time summed over recorded runs (`run_log`),
+    so hours between a crash and its resume do not drag the ETA out (a defect of the old
+    pipeline, whose rate counted wall time since the first start).
+    """
+    state = partition_state(store, cfg)
+    statuses = summarise_statuses(store, cfg)
+    remaining = remaining_calls(store, cfg)
+    calls, secs = store.query_row(
+        "SELECT coalesce(sum(calls_ok), 0), coalesce(sum(active_seconds), 0) "
+        "FROM run_log WHERE experiment = ? AND calls_ok > 0",
+        [cfg.name],
+    )
+    calls, secs = int(calls), float(secs)
+    rate = calls / secs if calls and secs > 0 else None
+    return {
+        "batches_done": len(state.done),
+        "batches_missing": len(state.missing),
+        "batches_with_errors": len(state.with_errors),
+        "missing": state.missing,
+        "remaining_calls": remaining,
+        "rate_per_s": rate,
+        "eta_s": (remaining / rate) if rate and remaining else (0.0 if not remaining else None),
+        **statuses,
+    }
