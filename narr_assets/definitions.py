@@ -12,7 +12,7 @@ from narr_assets.defs.comparison import build_comparison_defs
 from narr_assets.defs.experiment import build_experiment_defs
 from narr_assets.defs.ingest import ingest_defs
 from narr_assets.defs.resources import NarrSettings, duckdb_resource
-from narr_assets.experiments import ExperimentConfig, load_experiments
+from narr_assets.experiments import ExperimentConfig, Experiments, load_experiments
 
 
 def build_definitions(
@@ -22,13 +22,16 @@ def build_definitions(
 
     Args:
         settings: The `settings` resource; built from the `NARR_*` variables when omitted.
-        experiments: The experiments to define; those of `NARR_EXPERIMENTS` when omitted.
+        experiments: The experiments to define; the valid ones of `NARR_EXPERIMENTS` when
+            omitted. Files left out (`Experiments.errors`) are named in the leaderboard's
+            description, the place the UI compares experiments.
     """
     experiments = load_experiments() if experiments is None else experiments
+    broken = experiments.errors if isinstance(experiments, Experiments) else []
     return dg.Definitions.merge(
         ingest_defs(),
         *(build_experiment_defs(cfg) for cfg in experiments),
-        build_comparison_defs(experiments),
+        build_comparison_defs(experiments, broken),
         dg.Definitions(
             # Steps of one run are a chain (ingest -> batches -> classify); a process per step
             # would re-import pandas/DuckDB/Dagster each time (seconds per step) for no
@@ -41,4 +44,9 @@ def build_definitions(
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions()
+    experiments = load_experiments()
+    # A broken experiment file must not take the code location down with it: its assets are
+    # left out and the file named where `dagster dev` logs (and in the leaderboard's description).
+    for broken in experiments.errors:
+        dg.get_dagster_logger("narr").warning("experiment file left out: %s", broken.message)
+    return build_definitions(experiments=experiments)

@@ -12,7 +12,7 @@ Conventions that hold throughout the module:
 
   - ``answered``: only rows the model actually answered (status ``ok`` with a verdict);
   - ``strict``: every labelled row. Error statuses (``parse_error``, ``refusal``,
-    ``truncated``, ``failed``, and an ``ok`` row without a verdict) count as *wrong*
+    ``truncated``, ``rejected``, ``failed``, and an ``ok`` row without a verdict) count as *wrong*
     predictions (predicted = not label), so errors can only lower the score. ``skipped``
     rows count as predicted *negative*: a skipped row is a placeholder ("Need LE report.")
     with no content, so there is nothing in it the model could have flagged, which is exactly

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import re
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from narr_assets import settings
 
 PLACEHOLDER = "<<TEXT>>"
+
+# Upper bounds of the run settings: past them a value is a typo or an attack, not a choice.
+MAX_TOKENS = 262_144  # the largest context windows served today
+MAX_CONCURRENCY = 1024
+MAX_TIMEOUT_S = 3600.0  # one request; a slower answer is a hung server
+# With backoff capped at 30 s, 20 retries wait out about ten minutes of outage; past that the
+# batch fails and a resume picks it up, which is the better place to wait.
+MAX_RETRIES = 20
+MAX_REQUESTS_PER_MINUTE = 100_000.0
+# Experiment and prompt files are small; a bigger one is a mistake (or /dev/zero's cousin).
+MAX_FILE_BYTES = 1 << 20
+# A YAML document may use anchors and aliases, but expanded it must stay this small: aliases
+# are shared when parsed, and an "alias bomb" of ten lines expands to billions of nodes the
+# moment anything walks it. Counting the expanded size on the parsed graph is linear in the
+# file, so a bomb is refused at once while ordinary reuse of a block keeps working.
+MAX_YAML_NODES = 10_000
+MAX_YAML_CHARS = 2 * MAX_FILE_BYTES
+MAX_YAML_DEPTH = 64
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -45,8 +65,8 @@ class ModelSpec(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, gt=0)
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what servers take
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
@@ -64,13 +84,17 @@ class OutputSpec(_Strict):
 
 
 class RunSpec(_Strict):
-    concurrency: int = Field(default=8, ge=1, le=1024)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=6, ge=0, le=100)
-    requests_per_minute: float | None = Field(default=None, gt=0)
+    concurrency: int = Field(default=8, ge=1, le=MAX_CONCURRENCY)
+    timeout_s: float = Field(default=120.0, gt=0, le=MAX_TIMEOUT_S)
+    max_retries: int = Field(default=6, ge=0, le=MAX_RETRIES)
+    requests_per_minute: float | None = Field(default=None, gt=0, le=MAX_REQUESTS_PER_MINUTE)
     skip_placeholders: bool = True
     auto_materialize: bool = False
     max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    # Narratives longer than this are not sent (a `rejected` row instead). Not in the config
+    # hash, like timeout_s: it decides whether an answer is fetched, never what the answer is,
+    # and hashing it would re-ask every narrative of the corpus when the limit changes.
+    max_input_chars: int | None = Field(default=None, gt=0)
 
 
 class ExperimentConfig(_Strict):
@@ -181,23 +205,189 @@ def expand_vars(value: Any, where: str) -> Any:
     return value
 
 
-def _read_text(base: Path, relative: str, where: str) -> str:
-    path = Path(relative)
-    candidates = [path] if path.is_absolute() else [base / path, settings.PROJECT_ROOT / "configs" / path]
+class _YamlTooBig(yaml.YAMLError):
+    """A document that nests or expands past the limits (see `MAX_YAML_NODES`)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses deep nesting, self-referring aliases and alias bombs."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # The composer recurses once per level: bound it before Python's stack does.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlTooBig(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Raise `_YamlTooBig` when `root`, with every alias written out, exceeds the limits.
+
+    Aliases are shared nodes in the composed graph, so sizes are computed once per node
+    (linear in the file) although they count every use; a node reachable from itself (an
+    alias inside its own anchor) is refused, as nothing could walk it.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, scalar characters) expanded
+    open_nodes: set[int] = set()  # nodes whose children are being sized: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            nodes = 1 + sum(sizes[id(child)][0] for child in _children(node))
+            chars = sum(sizes[id(child)][1] for child in _children(node))
+            chars += len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+                what = f"{MAX_YAML_NODES:,} values" if nodes > MAX_YAML_NODES else f"{MAX_YAML_CHARS:,} characters"
+                raise _YamlTooBig(
+                    f"more than {what} once aliases are expanded; write the values out instead of nesting aliases"
+                )
+            sizes[key] = (nodes, chars)
+        elif key in open_nodes:
+            raise _YamlTooBig("an alias refers to a node that contains it")
+        elif key not in sizes:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _read_small(path: Path, where: str) -> str:
+    """The UTF-8 text of a regular file of at most `MAX_FILE_BYTES`.
+
+    Opened without blocking and checked after opening, so a FIFO or device put in place of
+    a file (or swapped in after a check) is refused instead of hanging the load.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ExperimentError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    subject = "the file" if where == str(path) else str(path)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ExperimentError(f"{where}: {subject} is not a regular file")
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ExperimentError(f"{where}: {subject} is larger than {MAX_FILE_BYTES:,} bytes; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{where}: {subject} is not UTF-8 text (byte {exc.start})") from None
+
+
+def prompt_folders(experiment_file: Path) -> list[Path]:
+    """The folders prompt files may come from, resolved: the experiment file's, `configs/`, `NARR_PROMPT_DIRS`.
+
+    Args:
+        experiment_file: The experiment YAML file.
+
+    Returns:
+        The folders, in lookup order (sub-folders are allowed too).
+    """
+    folders = [experiment_file.parent, settings.PROJECT_ROOT / "configs", *settings.prompt_dirs()]
+    return list(dict.fromkeys(folder.resolve() for folder in folders))
+
+
+def _read_prompt(path: Path, field: str, given: str) -> str:
+    """The text of a prompt file, which must resolve inside `prompt_folders(path)`.
+
+    Prompt files are sent to the endpoint with every request, so a path that leaves the
+    allowed folders (absolute, `..`, or a symlink pointing out) is refused before it is read:
+    `system_file: /proc/self/environ` would otherwise ship the environment, keys included.
+    """
+    where = f"{path}: {field}"
+    folders = prompt_folders(path)
+    relative = Path(given)
+    candidates = [relative] if relative.is_absolute() else [folder / relative for folder in folders]
+    escaped = []
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
-    raise ExperimentError(
-        f"{where}: file {relative!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})"
-    )
+        try:
+            resolved = candidate.resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            raise ExperimentError(f"{where}: {given!r} is not a usable path ({exc})") from None
+        if not any(resolved.is_relative_to(folder) for folder in folders):
+            escaped.append(resolved)  # never read, whether it exists or not
+        elif resolved.is_file():
+            return _read_small(resolved, where)
+    existing = [e for e in escaped if e.exists()]
+    if existing or (escaped and len(escaped) == len(candidates)):
+        raise ExperimentError(
+            f"{where}: {given!r} resolves to {(existing or escaped)[0]}, outside the folders prompt files may "
+            f"come from ({', '.join(map(str, folders))}); move it into one of them or add its folder to "
+            "NARR_PROMPT_DIRS"
+        )
+    raise ExperimentError(f"{where}: file {given!r} not found (looked in {', '.join(map(str, folders))})")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A parser error as one line: where, then what."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "invalid"
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+    return " ".join(str(exc).split())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of an experiment file, within the size limits."""
+    loader = _BoundedLoader(_read_small(path, str(path)))
+    try:
+        raw = loader.get_single_data()
+    except _YamlTooBig as exc:
+        raise ExperimentError(f"{path}: YAML refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path}: expected a mapping of keys at the top level")
+    return raw
 
 
 def _format_validation(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid experiment"]
+    problems = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"]) or "(file)"
-        lines.append(f"  {loc}: {item['msg']}")
-    return "\n".join(lines)
+        problems.append(f"{loc}: {item['msg']}")
+    return f"{path}: invalid experiment: {'; '.join(problems)}"
+
+
+def _resolve_prompts(raw: dict[str, Any], path: Path) -> None:
+    """Fill `system_prompt` and `user_template` from inline text or (confined) files."""
+    prompt = raw.get("prompt") or {}
+    if not isinstance(prompt, dict):
+        return  # validation names prompt's type
+    for text_key, file_key in (("system", "system_file"), ("user_template", "user_template_file")):
+        if prompt.get(text_key) and prompt.get(file_key):
+            raise ExperimentError(f"{path}: prompt.{text_key} and prompt.{file_key} are exclusive; give one")
+    resolved = {}
+    for text_key, file_key in (("system", "system_file"), ("user_template", "user_template_file")):
+        given = prompt.get(file_key)
+        if given and not isinstance(given, str):
+            raise ExperimentError(f"{path}: prompt.{file_key}: expected a file path")
+        resolved[text_key] = prompt.get(text_key) or (_read_prompt(path, f"prompt.{file_key}", given) if given else "")
+    raw["system_prompt"], raw["user_template"] = resolved["system"], resolved["user_template"]
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -210,37 +400,16 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         The validated config, with prompt files and the lexicon resolved.
 
     Raises:
-        ExperimentError: naming the file and the offending field.
+        ExperimentError: naming the file and the offending field, on one line.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read: {exc.strerror}") from None
-    if not isinstance(raw, dict):
-        raise ExperimentError(f"{path}: expected a mapping of keys at the top level")
-    raw = expand_vars(raw, str(path))
+    raw = expand_vars(_read_yaml(path), str(path))
     raw.setdefault("name", path.stem)
-    prompt = raw.get("prompt") or {}
-    if isinstance(prompt, dict):
-        for text_key, file_key in (("system", "system_file"), ("user_template", "user_template_file")):
-            if prompt.get(text_key) and prompt.get(file_key):
-                raise ExperimentError(f"{path}: prompt.{text_key} and prompt.{file_key} are exclusive; give one")
-        system = prompt.get("system") or (
-            _read_text(path.parent, prompt["system_file"], f"{path}: prompt.system_file")
-            if prompt.get("system_file")
-            else ""
-        )
-        template = prompt.get("user_template") or (
-            _read_text(path.parent, prompt["user_template_file"], f"{path}: prompt.user_template_file")
-            if prompt.get("user_template_file")
-            else ""
-        )
-        raw["system_prompt"], raw["user_template"] = system, template
+    _resolve_prompts(raw, path)
     raw["source_file"] = str(path)
     if raw.get("backend") == "rules":
+        if not isinstance(raw.get("lexicon") or "", str):
+            raise ExperimentError(f"{path}: lexicon: expected a file path")
         lexicon = Path(raw.get("lexicon") or settings.lexicon_path())
         if not lexicon.is_absolute():
             lexicon = settings.PROJECT_ROOT / lexicon
@@ -254,20 +423,64 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise ExperimentError(_format_validation(path, exc)) from None
 
 
-def load_experiments(folder: str | Path | None = None) -> list[ExperimentConfig]:
-    """Load every `*.yaml`/`*.yml` file of a folder, sorted by name; names must be unique."""
+@dataclass(frozen=True)
+class BrokenExperiment:
+    """An experiment file that could not be used, and why (one line naming the file)."""
+
+    path: Path
+    name: str  # the experiment it would define: the file name, or the duplicated `name:`
+    message: str
+
+
+class Experiments(list[ExperimentConfig]):
+    """The valid experiments of a folder, in file order; `errors` lists the files left out."""
+
+    def __init__(self, configs: list[ExperimentConfig], errors: list[BrokenExperiment]) -> None:
+        super().__init__(configs)
+        self.errors = errors
+
+
+def load_experiments(folder: str | Path | None = None) -> Experiments:
+    """Load every `*.yaml`/`*.yml` file of a folder, sorted by name; one bad file spoils no other.
+
+    A file that fails to load, and every file of a name defined twice (neither silently
+    wins), is left out and reported in `errors`; the other experiments are returned.
+
+    Args:
+        folder: The folder; `NARR_EXPERIMENTS` when omitted.
+
+    Returns:
+        The valid configs (a list) with `.errors`, one `BrokenExperiment` per file left out.
+
+    Raises:
+        ExperimentError: when the folder itself does not exist.
+    """
     folder = Path(folder) if folder else settings.experiments_dir()
     if not folder.is_dir():
         raise ExperimentError(f"{folder}: experiments folder not found (set NARR_EXPERIMENTS)")
-    configs = [load_experiment(p) for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])]
-    seen: dict[str, str] = {}
+    configs: list[ExperimentConfig] = []
+    errors: list[BrokenExperiment] = []
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            configs.append(load_experiment(path))
+        except ExperimentError as exc:
+            errors.append(BrokenExperiment(path, path.stem, str(exc)))
+        except Exception as exc:  # a case the checks above missed: still this file's problem only
+            message = f"{path}: cannot be loaded ({type(exc).__name__}: {exc}); please report this file's shape"
+            errors.append(BrokenExperiment(path, path.stem, " ".join(message.split())))
+    files_by_name: dict[str, list[str]] = {}
     for cfg in configs:
-        if cfg.name in seen:
-            raise ExperimentError(
-                f"{cfg.source_file}: experiment name {cfg.name!r} is already used by {seen[cfg.name]}"
+        files_by_name.setdefault(cfg.name, []).append(cfg.source_file)
+    for cfg in configs:
+        others = [f for f in files_by_name[cfg.name] if f != cfg.source_file]
+        if others:
+            message = (
+                f"{cfg.source_file}: experiment name {cfg.name!r} is also defined by {', '.join(others)}; "
+                "rename one (set `name:` or rename the file)"
             )
-        seen[cfg.name] = cfg.source_file
-    return configs
+            errors.append(BrokenExperiment(Path(cfg.source_file), cfg.name, message))
+    valid = [cfg for cfg in configs if len(files_by_name[cfg.name]) == 1]
+    return Experiments(valid, sorted(errors, key=lambda e: str(e.path)))
 
 
 def build_messages(cfg: ExperimentConfig, text: str) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from narr_assets.private import private_output
 from narr_assets.store import Store
 
 FORMATS = ("csv", "parquet", "jsonl")
@@ -39,15 +40,29 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_export(frame: pd.DataFrame, path: Path, fmt: str) -> Path:
-    """Write `frame` as `fmt` to `path`; CSV is UTF-8 with a BOM so Excel keeps accents."""
+def write_export(frame: pd.DataFrame, path: Path, fmt: str, *, tighten_folder: bool = False) -> Path:
+    """Write `frame` as `fmt` to `path`, owner-only (see `private.py`), atomically.
+
+    CSV is UTF-8 with a BOM so Excel keeps accents.
+
+    Args:
+        frame: The rows to write.
+        path: The destination; missing folders are created owner-only.
+        fmt: One of `FORMATS`.
+        tighten_folder: Also make an existing destination folder owner-only (the data
+            folder's `exports/`); not for a path the user chose (`narr export -o`), whose
+            folder is theirs to decide.
+
+    Returns:
+        The path written.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        neutralise_formulas(frame).to_csv(path, index=False, encoding="utf-8-sig")
-    elif fmt == "parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_json(path, orient="records", lines=True, date_format="iso", force_ascii=False)
+    with private_output(path, tighten_parent=tighten_folder) as tmp:
+        if fmt == "csv":
+            neutralise_formulas(frame).to_csv(tmp, index=False, encoding="utf-8-sig")
+        elif fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_json(tmp, orient="records", lines=True, date_format="iso", force_ascii=False)
     return path

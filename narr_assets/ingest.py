@@ -32,6 +32,13 @@ null          blank, ``na``, ``n/a``, ``nan``, ``null`` (R and pandas write miss
 Anything else (``maybe``, ``2``, ``#N/A``, ``unknown``...) becomes null with ``label_error`` set,
 so the row can be routed to the rejected rows instead of silently counting as unlabelled.
 
+A narrative cell that holds a formula without a saved value (a workbook written by a program
+that does not compute formulas, such as openpyxl) reads as empty; it is not taken for an empty
+narrative: its row gets ``text_error``, so cleaning routes it to the rejected rows with what to do.
+
+The file is read once: the checksum is the MD5 of the very bytes that were parsed, so a file
+replaced while it is read can never pair its new checksum with its old rows.
+
 Row numbers (``source_row``) are the numbers a person sees when opening the file in Excel: the
 header is row 1 and the first data row is row 2 (for a CSV, a record spanning several lines
 because of a quoted newline still counts as one row). Fully blank rows are skipped and are not
@@ -76,6 +83,7 @@ FRAME_COLUMNS: tuple[str, ...] = (
     "manual_flag_ind",
     "manual_flag",
     "label_error",
+    "text_error",
     "attributes",
     "source_path",
     "source_sheet",
@@ -116,6 +124,10 @@ _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE](?P<exponent>[
 _MAX_EXPONENT = 30
 # The csv module refuses fields longer than 131,072 characters by default.
 _CSV_FIELD_LIMIT = 2**31 - 1
+# A formula element in a worksheet's XML (``<f>``, ``<f t="shared" .../>``, ``<x:f>``), not
+# ``<formula>`` or ``<filterColumn>``: the cheap test that keeps the openpyxl pass off normal files.
+_FORMULA_TAG_RE = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?f[\s>/]")
+_FORMULA_SCAN_CHUNK = 1 << 22
 # Longest header / label value echoed in an error message; anything longer is probably
 # narrative text in the wrong place and must not be copied into logs.
 _MAX_ECHO = 40
@@ -138,7 +150,7 @@ class RawLoad:
         frame: One row per (source row, narrative type), columns ``FRAME_COLUMNS``.
         layout: ``"labelled"``, ``"unlabelled"`` or ``"long"``.
         rows_read: Non-blank data rows in the sheet (header excluded).
-        checksum: md5 hex digest of the file bytes.
+        checksum: md5 hex digest of the bytes that were parsed.
         source_path: Absolute path of the file.
         sheet: Sheet name for workbooks, ``None`` for CSV.
         attribute_columns: Extra columns kept as JSON in ``frame["attributes"]``.
@@ -245,36 +257,22 @@ def read_source(
             column where relevant).
     """
     source = Path(path).expanduser().resolve()
-    if not source.exists():
-        raise IngestError(f"{source}: file not found")
-    if source.is_dir():
-        raise IngestError(f"{source}: is a directory, expected an .xlsx or .csv file")
-    suffix = source.suffix.lower()
-    encoding: str | None = None
-    if suffix in XLSX_SUFFIXES:
-        sheet_name, rows, reader = _read_workbook(source, sheet, engine)
-        where = f"{source} (sheet '{sheet_name}')"
-    elif suffix in CSV_SUFFIXES:
-        if sheet is not None:
-            raise IngestError(
-                f"{source}: a sheet ('{sheet}') was given but a CSV file has no sheets; remove the sheet setting"
-            )
-        rows, encoding = _read_csv_rows(source)
-        sheet_name, reader, where = None, "csv", str(source)
-    else:
-        raise IngestError(
-            f"{source}: unsupported file type '{source.suffix or '(none)'}'; expected one of "
-            f"{', '.join(XLSX_SUFFIXES + CSV_SUFFIXES)}"
-        )
+    data = _read_bytes(source, sheet)
+    sheet_name, rows, reader, encoding = _parse_rows(source, data, sheet, engine)
+    where = f"{source} (sheet '{sheet_name}')" if sheet_name else str(source)
 
     header_index, header = _find_header(rows, where, "sheet" if sheet_name else "file")
     data_rows, row_numbers = _data_rows(rows, header, header_index)
     layout, columns = _detect_layout(header, where)
 
-    checksum = file_checksum(source)
+    # The hash of the bytes parsed above, not of the path: the file may have been replaced since.
+    checksum = hashlib.md5(data, usedforsecurity=False).hexdigest()
     stamp = _utc_timestamp(loaded_at)
     build = _build_long if layout == "long" else _build_wide
     frame, attribute_names = build(header, columns, data_rows, row_numbers)
+    frame["text_error"] = None
+    if sheet_name is not None:
+        _flag_formulas_without_values(frame, data, where, sheet_name, header, columns)
     frame["source_path"] = str(source)
     frame["source_sheet"] = sheet_name
     frame["data_checksum"] = checksum
@@ -293,22 +291,61 @@ def read_source(
     )
 
 
+def _read_bytes(source: Path, sheet: str | None) -> bytes:
+    """The whole file, read once (what is parsed and what is hashed are the same bytes).
+
+    Everything that can be refused without the content is refused before it is read.
+    """
+    if not source.exists():
+        raise IngestError(f"{source}: file not found")
+    if source.is_dir():
+        raise IngestError(f"{source}: is a directory, expected an .xlsx or .csv file")
+    suffix = source.suffix.lower()
+    if suffix not in XLSX_SUFFIXES + CSV_SUFFIXES:
+        raise IngestError(
+            f"{source}: unsupported file type '{source.suffix or '(none)'}'; expected one of "
+            f"{', '.join(XLSX_SUFFIXES + CSV_SUFFIXES)}"
+        )
+    if suffix in CSV_SUFFIXES and sheet is not None:
+        raise IngestError(
+            f"{source}: a sheet ('{sheet}') was given but a CSV file has no sheets; remove the sheet setting"
+        )
+    try:
+        return source.read_bytes()
+    except OSError as exc:
+        raise IngestError(f"{source}: cannot read the file ({exc.strerror}); check that it is readable") from None
+
+
+def _parse_rows(
+    source: Path, data: bytes, sheet: str | None, engine: Engine
+) -> tuple[str | None, _Rows, str, str | None]:
+    """Return (sheet name or None for a CSV, rows from row 1, reader name, CSV encoding).
+
+    The suffix was checked by `_read_bytes`: anything but a workbook is a CSV here.
+    """
+    if source.suffix.lower() in XLSX_SUFFIXES:
+        sheet_name, rows, reader = _read_workbook(source, data, sheet, engine)
+        return sheet_name, rows, reader, None
+    rows, encoding = _read_csv_rows(source, data)
+    return None, rows, "csv", encoding
+
+
 # --------------------------------------------------------------------------- file readers
 
 
-def _read_workbook(path: Path, sheet: str | None, engine: Engine) -> tuple[str, _Rows, str]:
-    """Return (sheet name, rows from sheet row 1, reader name) for a workbook."""
-    _check_zip_container(path)
+def _read_workbook(path: Path, data: bytes, sheet: str | None, engine: Engine) -> tuple[str, _Rows, str]:
+    """Return (sheet name, rows from sheet row 1, reader name) for a workbook's bytes."""
+    _check_zip_container(path, data)
     if engine == "auto":
         engine = "calamine" if _calamine_available() else "openpyxl"
-    readers: dict[str, Callable[[Path, str | None], tuple[str, _Rows]]] = {
+    readers: dict[str, Callable[[Path, bytes, str | None], tuple[str, _Rows]]] = {
         "calamine": _read_calamine,
         "openpyxl": _read_openpyxl,
     }
     if engine not in readers:
         raise ValueError(f"unknown engine {engine!r}; expected 'auto', 'calamine' or 'openpyxl'")
     try:
-        sheet_name, rows = readers[engine](path, sheet)
+        sheet_name, rows = readers[engine](path, data, sheet)
     except IngestError:
         raise
     # Third-party readers raise a zoo of exception types on malformed files (zip, XML, key
@@ -330,12 +367,11 @@ def _calamine_available() -> bool:
     return True
 
 
-def _check_zip_container(path: Path) -> None:
+def _check_zip_container(path: Path, data: bytes) -> None:
     """Fail early, with a helpful description, on files that are not zip-based workbooks."""
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(io.BytesIO(data)):
         return
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+    head = data[:8]
     if head.startswith(b"\xd0\xcf\x11\xe0"):
         found = "an OLE2 container (a legacy .xls or a password-protected workbook)"
     elif head.startswith(b"\x89PNG"):
@@ -354,10 +390,10 @@ def _check_zip_container(path: Path) -> None:
     )
 
 
-def _read_calamine(path: Path, sheet: str | None) -> tuple[str, _Rows]:
+def _read_calamine(path: Path, data: bytes, sheet: str | None) -> tuple[str, _Rows]:
     from python_calamine import CalamineWorkbook, SheetTypeEnum
 
-    with CalamineWorkbook.from_path(str(path)) as workbook:
+    with CalamineWorkbook.from_filelike(io.BytesIO(data)) as workbook:
         worksheets = [m.name for m in workbook.sheets_metadata if m.typ == SheetTypeEnum.WorkSheet]
         name = _choose_sheet(path, sheet, worksheets)
         # skip_empty_area=False keeps leading blank rows/columns so list index = Excel row - 1.
@@ -365,11 +401,11 @@ def _read_calamine(path: Path, sheet: str | None) -> tuple[str, _Rows]:
     return name, rows
 
 
-def _read_openpyxl(path: Path, sheet: str | None) -> tuple[str, _Rows]:
+def _read_openpyxl(path: Path, data: bytes, sheet: str | None) -> tuple[str, _Rows]:
     import openpyxl
     from openpyxl.utils.escape import unescape
 
-    workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     try:
         name = _choose_sheet(path, sheet, [ws.title for ws in workbook.worksheets])
         # Excel stores control characters as _xHHHH_ (and a literal "_x" as "_x005F_x");
@@ -394,13 +430,12 @@ def _choose_sheet(path: Path, sheet: str | None, available: list[str]) -> str:
     return sheet
 
 
-def _read_csv_rows(path: Path) -> tuple[_Rows, str]:
-    """Return (rows including the header, encoding used) for a CSV file.
+def _read_csv_rows(path: Path, data: bytes) -> tuple[_Rows, str]:
+    """Return (rows including the header, encoding used) for a CSV file's bytes.
 
     A blank line comes back as an empty row, so it is skipped but still advances the row
     numbers, exactly like a blank row above or inside an .xlsx sheet.
     """
-    data = path.read_bytes()
     # Anywhere in the file, not just near the start: a late NUL used to cut a cell short.
     if b"\x00" in data:
         line = data.count(b"\n", 0, data.index(b"\x00")) + 1
@@ -443,6 +478,87 @@ def _read_csv_rows(path: Path) -> tuple[_Rows, str]:
 def _row_note(line: int, row: int) -> str:
     """`` (row N)`` when quoted line breaks make the spreadsheet row differ from the line."""
     return "" if line == row else f" (row {row})"
+
+
+# --------------------------------------------------------------------------- formulas without values
+
+
+def _flag_formulas_without_values(
+    frame: pd.DataFrame, data: bytes, where: str, sheet: str, header: list[str | None], columns: dict[str, int]
+) -> None:
+    """Set ``text_error`` where a narrative cell is a formula without a saved value.
+
+    Such a cell reads as empty. Two cheap tests keep normal files on the fast path: a narrative
+    cell must be empty and the workbook must hold a formula at all; only then is the sheet read
+    a second time, with openpyxl, for its formulas.
+    """
+    empty = frame["narrative_text"].isna()
+    if not empty.any() or not _has_formulas(data):
+        return
+    if "narrative_text" in columns:
+        text_column = pd.Series(columns["narrative_text"], index=frame.index)
+    else:
+        text_column = frame["narrative_type"].map({"cme": columns["NarrativeCME"], "le": columns["NarrativeLE"]})
+    cells = [(int(row), int(col)) for row, col in zip(frame["source_row"], text_column, strict=True)]
+    found = _formula_cells(data, where, sheet, {cell for cell, blank in zip(cells, empty, strict=True) if blank})
+    if not found:
+        return
+    hit = pd.Series([cell in found for cell in cells], index=frame.index) & empty
+    frame.loc[hit, "text_error"] = [
+        f"column {header[col] or _column_letter(col)} holds a formula without a saved value; open and save "
+        "the file in Excel (or paste the cells as values) so the text is stored"
+        for col in text_column[hit]
+    ]
+
+
+def _has_formulas(data: bytes) -> bool:
+    """Whether any part of the workbook holds a formula element: a byte scan, no XML parse.
+
+    Every XML part but the shared strings (where narrative text lives, always escaped): a sheet
+    part need not be called ``sheetN.xml``, and a chart's formula only costs the slow path.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            name = info.filename.lower()
+            if not name.endswith(".xml") or "sharedstrings" in name:
+                continue
+            with archive.open(info) as part:
+                tail = b""
+                while chunk := part.read(_FORMULA_SCAN_CHUNK):
+                    # The tail of the previous chunk catches a tag cut in two.
+                    if _FORMULA_TAG_RE.search(tail + chunk):
+                        return True
+                    tail = chunk[-64:]
+    return False
+
+
+def _formula_cells(data: bytes, where: str, sheet: str, candidates: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Which of the (Excel row, 0-based column) ``candidates`` hold a formula, read by openpyxl."""
+    import openpyxl
+
+    rows = [row for row, _ in candidates]
+    cols = [col for _, col in candidates]
+    found: set[tuple[int, int]] = set()
+    try:
+        workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=False)
+        try:
+            cells = workbook[sheet].iter_rows(
+                min_row=min(rows), max_row=max(rows), min_col=min(cols) + 1, max_col=max(cols) + 1
+            )
+            for row in cells:
+                for cell in row:
+                    # data_only=False: a formula cell has data type "f" whether or not a value was saved.
+                    if getattr(cell, "data_type", None) == "f" and (cell.row, cell.column - 1) in candidates:
+                        found.add((cell.row, cell.column - 1))
+        finally:
+            workbook.close()
+    # Same zoo of reader exceptions as in `_read_workbook`.
+    except Exception as exc:
+        raise IngestError(
+            f"{where}: cannot check the empty narrative cells for formulas "
+            f"({type(exc).__name__}: {str(exc)[:120]}); save the file again in Excel"
+        ) from exc
+    return found
 
 
 # --------------------------------------------------------------------------- cell handling

@@ -12,6 +12,11 @@ response.
 Records hold the raw response (content, reasoning, finish reason, usage), never parsed
 fields, so a parser change re-parses old answers without new calls. A torn last line (the
 process died inside a write, or the disk filled) is detected, counted and skipped.
+
+`attempt` counts every request made for a narrative text under this config, across runs. A
+run that ends without an answer for a text it asked (retries exhausted, stopped, endpoint
+dead) journals an *unanswered* record (`response` null) carrying its count, so the next run
+keeps counting from there; only a `kill -9` loses the count of the requests it had in flight.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from narr_assets.private import open_private, private_dir
 
 JournalKey = tuple[str, str, str]  # (incident_id, narrative_type, text_hash)
 
@@ -50,6 +57,19 @@ def answer_record(
         "at": at,
         "response": response,
     }
+
+
+def unanswered_record(key: JournalKey, config_hash: str, attempt: int, at: float, reason: str) -> dict[str, Any]:
+    """A record of requests that got no answer: only their count matters (`response` is null).
+
+    Args:
+        key: The narrative's (incident_id, narrative_type, text_hash).
+        config_hash: The experiment config that asked.
+        attempt: Attempts made for this text so far, across runs.
+        at: Unix time the run gave up on it.
+        reason: Why there is no answer (e.g. `connection error: ...`), never narrative text.
+    """
+    return {**answer_record(key, config_hash, attempt, at, {}), "response": None, "unanswered": reason}
 
 
 @dataclass
@@ -102,25 +122,42 @@ class Journal:
                     yield record
 
     def latest(self, stats: JournalStats | None = None) -> dict[JournalKey, dict[str, Any]]:
-        """The newest record per (incident_id, narrative_type, text_hash)."""
+        """The newest answer per (incident_id, narrative_type, text_hash), with every attempt counted.
+
+        A text with only unanswered records maps to the newest of them (`response` None); a
+        text with an answer maps to the newest answer, its `attempt` raised to the highest
+        count any record holds for the text.
+        """
         out: dict[JournalKey, dict[str, Any]] = {}
+        unanswered: dict[JournalKey, dict[str, Any]] = {}
         for record in self.iter_records(stats):
             incident_id, narrative_type = record["key"]
             key = (incident_id, narrative_type, record["text_hash"])
+            if record["response"] is None:
+                seen = unanswered.get(key)
+                if seen is None or record.get("attempt", 0) >= seen.get("attempt", 0):
+                    unanswered[key] = record
+                continue
             prev = out.get(key)
             if prev is None or (record.get("at", 0), record.get("attempt", 0)) >= (
                 prev.get("at", 0),
                 prev.get("attempt", 0),
             ):
                 out[key] = record
+        for key, record in unanswered.items():
+            answer = out.get(key)
+            if answer is None:
+                out[key] = record
+            elif record.get("attempt", 0) > answer.get("attempt", 0):
+                out[key] = {**answer, "attempt": record["attempt"]}
         return out
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record durably (see module docstring for the guarantee)."""
         if self._fd is None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
-            self._fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = open_private(self.root / name, os.O_WRONLY | os.O_APPEND)
             self._stop.clear()
             self._syncer = threading.Thread(target=self._sync_loop, args=(self._fd,), name="journal-fsync", daemon=True)
             self._syncer.start()

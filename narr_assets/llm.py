@@ -2,14 +2,22 @@
 
 A backend makes exactly one attempt per `complete()`; retrying is the engine's job (see
 `narr_assets.classify`) so every attempt is counted and the shared rate limit sees it. Errors are
-sorted into two kinds: `TransientError` (429, 5xx, timeouts, dropped connections - worth
-retrying, possibly after a server-given `Retry-After`) and `FatalError` (bad key, unknown
-model, malformed request - retrying cannot help, so the run stops at once and says what to fix).
+sorted into three kinds: `TransientError` (429, 5xx, timeouts, dropped connections - worth
+retrying, possibly after a server-given `Retry-After`), `RejectedError` (HTTP 400/413/422: the
+server refused this one request - too long, filtered - which becomes a `rejected` row unless
+every request gets it) and `FatalError` (bad key, unknown model - retrying cannot help, so the
+run stops at once and says what to fix).
+
+Every message built from what a server sent goes through `redact` before it is raised, logged
+or stored: the API key (and any `Bearer` token or long fragment of the key) is cut out, and so
+is any stretch of the narrative a server echoes back (FastAPI validation errors quote the input).
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -32,6 +40,9 @@ class RawResponse:
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None
     latency_s: float | None = None
+    # Set when the server refused this one request (HTTP 400/413/422): its status and message,
+    # redacted; such an answer becomes a `rejected` row and is journalled like any other.
+    rejected: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,15 +53,107 @@ class RawResponse:
 
 
 class TransientError(Exception):
-    """A failure worth retrying; `retry_after` is the server's requested wait, if any."""
+    """A failure worth retrying; `retry_after` is the server's requested wait, if any.
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    `unreachable` marks failures that say nothing came back from the server (connection
+    refused or dropped, timeout, a gateway's 502/503/504): a run that only ever sees these
+    is talking to a dead endpoint.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None, *, unreachable: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 class FatalError(Exception):
     """A failure no retry can fix; the message says what to change."""
+
+
+class RejectedError(Exception):
+    """The server refused one request with HTTP 400/413/422 (`str()` is the row's `error`).
+
+    Usually about that input (context length, content filter); when every request gets the
+    same refusal it is about the experiment, and `experiment_wide` is the FatalError to raise.
+    """
+
+    def __init__(self, message: str, *, status: int, signature: str, where: str, server_message: str):
+        super().__init__(message)
+        self.status = status
+        # The refusal with its numbers blanked (token counts differ per narrative): equal
+        # signatures on every narrative asked mean the request, not the input, is refused.
+        self.signature = signature
+        self.where = where
+        self.server_message = server_message
+
+    def experiment_wide(self, narratives: int) -> FatalError:
+        """The FatalError for a refusal that the first `narratives` narratives all got."""
+        return FatalError(
+            f"{self.where}: HTTP {self.status}: the server refused the first {narratives} narratives asked "
+            "with the same error and answered none, so the request itself is refused, not the narratives; "
+            "check output.mode (not every server supports json_schema), model.max_tokens and model.extra_body; "
+            f"if the narratives are simply too long, set run.max_input_chars ({self.server_message})"
+        )
+
+
+# A server message is cut to this many characters (after redaction, so no key is cut in half
+# and left half visible).
+MESSAGE_CHARS = 200
+# A stretch of this many characters shared with the narrative is taken as an echo of it.
+_ECHO_CHARS = 16
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",;]+")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]{8,}")
+
+
+def redact(message: str, secrets: Sequence[str] = (), text: str | None = None, limit: int = MESSAGE_CHARS) -> str:
+    """A server's message made safe to log, store or raise, on one line.
+
+    Args:
+        message: The message as the server (or the SDK) wrote it.
+        secrets: Values that must never appear (the API key): each is replaced by its first
+            three characters and `...[redacted]`, and so is any 8+ character fragment of one.
+        text: The narrative the request carried: any 16+ character stretch of it is replaced
+            by `[narrative text]`.
+        limit: Characters kept, after redaction.
+
+    Returns:
+        The redacted message, whitespace collapsed, at most `limit` characters (plus `...`).
+    """
+    out = " ".join(str(message).split())
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        out = out.replace(secret, f"{secret[:3]}...[redacted]")
+
+        def fragment(match: re.Match[str], secret: str = secret) -> str:
+            # A piece of the key (a server that truncates what it echoes) is the key too.
+            token = match.group()
+            return f"{token[:3]}...[redacted]" if token in secret else token
+
+        out = _TOKEN.sub(fragment, out)
+    out = _BEARER.sub(lambda m: f"{m.group(1)}[redacted]", out)
+    if text:
+        out = _without_echo(out, text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def _without_echo(message: str, text: str) -> str:
+    """`message` with every stretch it shares with `text` (16+ characters) cut out."""
+    # Server messages are short and this only runs on errors, so a window scan is cheap enough;
+    # only the part that can survive truncation is scanned (a 1 MB echo stays fast).
+    message = message[: 4 * MESSAGE_CHARS]
+    text = " ".join(text.split())  # the message's whitespace was collapsed too
+    echoed = [False] * len(message)
+    for start in range(len(message) - _ECHO_CHARS + 1):
+        if message[start : start + _ECHO_CHARS] in text:
+            echoed[start : start + _ECHO_CHARS] = [True] * _ECHO_CHARS
+    if not any(echoed):
+        return message
+    out: list[str] = []
+    for char, hidden in zip(message, echoed, strict=True):
+        if not hidden:
+            out.append(char)
+        elif not out or out[-1] != "\0":
+            out.append("\0")
+    return "".join(out).replace("\0", "[narrative text]")
 
 
 class Backend(Protocol):
@@ -125,8 +228,11 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-def _describe_fatal(exc: openai.APIStatusError, cfg: ExperimentConfig) -> str:
-    where = f"{cfg.source_file}: endpoint {cfg.model.base_url}, model {cfg.model.name!r}"
+def _where(cfg: ExperimentConfig) -> str:
+    return f"{cfg.source_file}: endpoint {cfg.model.base_url}, model {cfg.model.name!r}"
+
+
+def _describe_fatal(exc: openai.APIStatusError, cfg: ExperimentConfig, message: str) -> str:
     if exc.status_code == 401:
         hint = (
             f"the server rejected the API key; check the variable {cfg.model.api_key_env}"
@@ -145,17 +251,39 @@ def _describe_fatal(exc: openai.APIStatusError, cfg: ExperimentConfig) -> str:
             "the server refused the request; check output.mode (not every server supports "
             "json_schema) and the model parameters"
         )
-    return f"{where}: HTTP {exc.status_code}: {hint} ({_error_message(exc)})"
+    return f"{_where(cfg)}: HTTP {exc.status_code}: {hint} ({message})"
 
 
 def _error_message(exc: openai.APIStatusError) -> str:
+    """The server's own words, unredacted: callers pass it through `redact`."""
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error")
-        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message") or body.get("detail")
+        if isinstance(message, list):
+            # FastAPI's validation errors (vLLM and others): the `msg` of each, without the
+            # `input` it quotes - the request, narrative included.
+            texts = [d["msg"] for d in message if isinstance(d, dict) and isinstance(d.get("msg"), str)]
+            message = "; ".join(texts) or message
         if message:
-            return str(message)[:200]
-    return str(exc)[:200]
+            return str(message)
+    return str(exc)
+
+
+_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def error_code(exc: openai.APIStatusError) -> str | None:
+    """The error's `code` (e.g. `context_length_exceeded`) when it is a plain identifier."""
+    body = exc.body  # the SDK already unwraps `{"error": {...}}` to the inner object
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    code = body.get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and _CODE.fullmatch(code) else None
+
+
+# Refusals that can concern one request: its input too long (413), invalid or filtered (400, 422).
+_REJECTABLE = (400, 413, 422)
 
 
 def request_params(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -199,6 +327,9 @@ class OpenAIBackend:
             http_client=openai.DefaultAioHttpClient(),
         )
         self.params = request_params(cfg)
+        # The one value `redact` must cut out of everything the server sends back; the dummy
+        # key of local servers is no secret.
+        self.secrets: tuple[str, ...] = (cfg.api_key(),) if cfg.model.api_key_env else ()
 
     async def complete(self, text: str) -> RawResponse:
         start = time.perf_counter()
@@ -211,15 +342,43 @@ class OpenAIBackend:
                 "/chat/completions", body={"messages": build_messages(self.cfg, text), **self.params}, cast_to=object
             )
         except openai.APIConnectionError as exc:  # APITimeoutError included
-            raise TransientError(_describe_transport_error(exc, self.cfg.run.timeout_s)) from None
+            message = redact(_describe_transport_error(exc, self.cfg.run.timeout_s), self.secrets, text)
+            raise TransientError(message, unreachable=True) from None
         except openai.APIStatusError as exc:
-            if exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500:
-                raise TransientError(f"HTTP {exc.status_code}", _retry_after(exc.response.headers)) from None
-            raise FatalError(_describe_fatal(exc, self.cfg)) from None
+            raise self._status_error(exc, text) from None
         except ValueError as exc:
             # A 200 whose body is not JSON: a proxy or server hiccup, worth another try.
             raise TransientError(f"malformed response body ({type(exc).__name__})") from None
-        return raw_from_body(body, time.perf_counter() - start)
+        return self._without_secrets(raw_from_body(body, time.perf_counter() - start))
+
+    def _status_error(self, exc: openai.APIStatusError, text: str) -> Exception:
+        """The error kind an HTTP error status stands for, its message redacted."""
+        status = exc.status_code
+        if status in (408, 409, 425, 429) or status >= 500:
+            # A gateway with nothing behind it answers 502/503/504 for ever: as good as no answer.
+            return TransientError(
+                f"HTTP {status}", _retry_after(exc.response.headers), unreachable=status in (502, 503, 504)
+            )
+        message = redact(_error_message(exc), self.secrets, text)
+        if status not in _REJECTABLE:
+            return FatalError(_describe_fatal(exc, self.cfg, message))
+        code = error_code(exc)
+        return RejectedError(
+            f"HTTP {status}{f' ({code})' if code else ''}: {message}",
+            status=status,
+            signature=f"{status} {code} {re.sub(r'[0-9]+', '#', message)}",
+            where=_where(self.cfg),
+            server_message=message,
+        )
+
+    def _without_secrets(self, raw: RawResponse) -> RawResponse:
+        """`raw` with the API key cut out of its text fields (a hostile server may echo it)."""
+        for secret in self.secrets:
+            for name in ("content", "reasoning", "refusal", "model", "finish_reason"):
+                value = getattr(raw, name)
+                if isinstance(value, str) and secret in value:
+                    setattr(raw, name, value.replace(secret, f"{secret[:3]}...[redacted]"))
+        return raw
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -232,10 +391,13 @@ def raw_from_body(body: Any, latency_s: float) -> RawResponse:
         message = choice.get("message") or {}
     except (KeyError, IndexError, TypeError, AttributeError):
         raise TransientError("response without choices") from None
+    usage = body.get("usage") or {}
+    if not isinstance(message, dict) or not isinstance(usage, dict):
+        what = "message" if not isinstance(message, dict) else "usage"
+        raise TransientError(f"malformed response body ({what} is not an object)")
     # Servers put reasoning text in different fields (vLLM/LM Studio: reasoning_content,
     # Ollama and others: reasoning); keep whichever is present.
     reasoning = message.get("reasoning_content") or message.get("reasoning")
-    usage = body.get("usage") or {}
     details = usage.get("completion_tokens_details") or {}
     return RawResponse(
         content=message.get("content") if isinstance(message.get("content"), str) else None,

@@ -4,10 +4,13 @@ Rules applied by :func:`clean_narratives`, in this order:
 
 1. **Empty narratives** (blank or whitespace only) are dropped and counted in
    ``empty_dropped``; they are not errors (most incidents lack one of the two narratives).
+   A cell that only *reads* as empty because it holds a formula without a saved value
+   (``text_error`` from ingestion) is not dropped: it is rejected (rule 2).
 2. **Rejected rows**: a non-empty narrative without an incident ID, without a narrative type,
    with a narrative type other than ``cme``/``le``, or with an unreadable label
-   (``label_error`` from ingestion) goes to ``rejected`` with a reason. Rejected rows never
-   crash the load and never carry narrative text.
+   (``label_error`` from ingestion), and an unreadable narrative cell (``text_error``) go to
+   ``rejected`` with a reason. Rejected rows never crash the load and never carry narrative
+   text.
 3. **Duplicates**, by key ``(incident_id, narrative_type)``. Rows are ordered by
    ``source_row`` (file order; rows of several concatenated files keep their frame order on
    ties) and the **first occurrence is kept**:
@@ -32,6 +35,9 @@ be mistaken for a manual one.
 ``text_hash`` identifies the narrative text exactly as stored; the batch ledger is keyed by
 ``(incident_id, narrative_type)`` only, so an edited text keeps its batch and is recognised as
 stale by its hash.
+
+:func:`compare_narratives` says what an ingest changes against the stored narratives: how many
+are added, changed (text), changed in their labels only, removed and unchanged.
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ from narr_assets.vocabulary import NARRATIVE_TYPES
 
 __all__ = [
     "BATCH_PREFIX",
+    "CHANGE_COUNTS",
     "DEFAULT_PLACEHOLDER_PATTERNS",
     "NARRATIVE_COLUMNS",
     "CleanResult",
+    "CorpusChanges",
     "assign_batches",
     "batch_key",
     "batch_number",
     "clean_narratives",
+    "compare_narratives",
     "placeholder_mask",
     "text_hash",
 ]
@@ -112,6 +121,9 @@ CONFLICT_COLUMNS: tuple[str, ...] = (
 )
 REJECTED_COLUMNS: tuple[str, ...] = ("source_path", "source_row", "incident_id", "narrative_type", "reason")
 LEDGER_COLUMNS: tuple[str, ...] = ("incident_id", "narrative_type", "batch_id")
+# What an ingest changes, in the order reports show it; `restored` counts the added narratives
+# that had been removed by an earlier ingest.
+CHANGE_COUNTS: tuple[str, ...] = ("added", "changed", "labels_changed", "removed", "unchanged", "restored")
 
 BATCH_PREFIX = "b"
 _BATCH_RE = re.compile(rf"{BATCH_PREFIX}(\d+)")
@@ -234,12 +246,14 @@ def _drop_empty(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     """Drop blank narratives (rule 1); the trimmed text replaces the original.
 
     Returns:
-        The rows with text, and the mask of the dropped rows (aligned with ``df``).
+        The rows with text or a ``text_error``, and the mask of the dropped rows (aligned
+        with ``df``).
     """
     text = df["narrative_text"].astype("string").str.strip()
-    empty = text.isna() | (text == "")
+    unreadable = df["text_error"].notna() & (df["text_error"] != "")
+    empty = (text.isna() | (text == "")) & ~unreadable
     df = df.loc[~empty].copy()
-    df["narrative_text"] = text[~empty].astype(object)
+    df["narrative_text"] = text[~empty].astype(object).where(text[~empty].notna(), None)  # type: ignore[call-overload]  # pandas-stubs omit None
     return df, empty
 
 
@@ -260,6 +274,8 @@ def _reject(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     reasons.loc[df["narrative_type"].isna(), "type"] = "missing narrative_type"
     unknown = df["narrative_type"].notna() & ~known_type
     reasons.loc[unknown, "type"] = [f"unknown narrative_type {_echo(v)}" for v in df.loc[unknown, "narrative_type"]]
+    text_error = df["text_error"].notna() & (df["text_error"] != "")
+    reasons["text"] = df["text_error"].where(text_error, None)  # type: ignore[call-overload]  # pandas-stubs omit None
     label_error = df["label_error"].notna() & (df["label_error"] != "")
     reasons["label"] = df["label_error"].where(label_error, None)  # type: ignore[call-overload]  # pandas-stubs omit None
     reason = _join_reasons(reasons)
@@ -326,7 +342,7 @@ def _with_defaults(frame: pd.DataFrame) -> pd.DataFrame:
     df = frame.copy()
     for column in ("manual_flag_ind", "manual_flag"):
         df[column] = df[column].astype("Int64") if column in df else pd.Series(pd.NA, index=df.index, dtype="Int64")
-    for column in ("label_error", "source_path", "data_checksum"):
+    for column in ("label_error", "text_error", "source_path", "data_checksum"):
         if column not in df:
             df[column] = None
     df["attributes"] = df["attributes"].where(df["attributes"].notna(), "{}") if "attributes" in df else "{}"
@@ -393,6 +409,78 @@ def _conflict_report(rows: pd.DataFrame, conflict_keys: pd.DataFrame) -> pd.Data
     involved["kept"] = first.to_numpy()
     involved["reason"] = reason
     return involved.loc[:, list(CONFLICT_COLUMNS)].reset_index(drop=True)
+
+
+@dataclass
+class CorpusChanges:
+    """What replacing the stored narratives with new ones changes.
+
+    Attributes:
+        counts: ``CHANGE_COUNTS`` as plain ints. ``added + changed + labels_changed +
+            unchanged`` is the number of new narratives; a narrative whose text and labels both
+            changed counts as ``changed``.
+        removed: The stored narratives absent from the new ones (``incident_id``,
+            ``narrative_type``, ``text_hash``, ``batch_id``).
+        stored: Narratives stored before the change.
+    """
+
+    counts: dict[str, int]
+    removed: pd.DataFrame
+    stored: int
+
+    @property
+    def mass_removal(self) -> bool:
+        """More than half of the stored narratives would be removed."""
+        return 2 * self.counts["removed"] > self.stored
+
+
+def compare_narratives(
+    stored: pd.DataFrame, new: pd.DataFrame, previously_removed: pd.DataFrame | None = None
+) -> CorpusChanges:
+    """Compare new narratives with the stored ones, key by key.
+
+    Args:
+        stored: The stored narratives: ``incident_id``, ``narrative_type``, ``text_hash``,
+            ``manual_flag_ind``, ``manual_flag``, ``batch_id``.
+        new: The new narratives (``NARRATIVE_COLUMNS``; ``batch_id`` not needed).
+        previously_removed: Keys flagged as removed by earlier ingests, to count ``restored``.
+
+    Returns:
+        The counts and the removed narratives.
+    """
+    columns = [*_KEY, "text_hash", "manual_flag_ind", "manual_flag"]
+    merged = new.loc[:, columns].merge(
+        stored.loc[:, [*columns, "batch_id"]], on=_KEY, how="outer", suffixes=("", "_stored"), indicator=True
+    )
+    both = merged["_merge"] == "both"
+    text_changed = both & (merged["text_hash"] != merged["text_hash_stored"])
+    labels_changed = (
+        both & ~text_changed & ~(_same_label(merged, "manual_flag_ind") & _same_label(merged, "manual_flag"))
+    )
+    added = merged.loc[merged["_merge"] == "left_only", _KEY]
+    restored = 0
+    if previously_removed is not None and not previously_removed.empty and not added.empty:
+        restored = len(added.merge(previously_removed.loc[:, _KEY].drop_duplicates(), on=_KEY))
+    gone = merged["_merge"] == "right_only"
+    removed = merged.loc[gone, [*_KEY, "text_hash_stored", "batch_id"]].rename(
+        columns={"text_hash_stored": "text_hash"}
+    )
+    counts = {
+        "added": len(added),
+        "changed": int(text_changed.sum()),
+        "labels_changed": int(labels_changed.sum()),
+        "removed": int(gone.sum()),
+        "unchanged": int((both & ~text_changed & ~labels_changed).sum()),
+        "restored": restored,
+    }
+    return CorpusChanges(counts=counts, removed=removed.reset_index(drop=True), stored=len(stored))
+
+
+def _same_label(merged: pd.DataFrame, column: str) -> pd.Series:
+    """New and stored label equal, two missing labels counting as equal."""
+    new = pd.to_numeric(merged[column]).astype("Int64").fillna(-1)
+    old = pd.to_numeric(merged[f"{column}_stored"]).astype("Int64").fillna(-1)
+    return (new == old).astype(bool)
 
 
 def batch_key(index: int) -> str:

@@ -42,8 +42,13 @@ def checksum_current(store: Store, current_checksum: str) -> Result:
 
 
 def one_row_per_narrative(store: Store, experiment: str) -> Result:
-    """Every narrative of every classified batch has exactly one row, and no row is orphaned."""
-    missing, orphaned, stale = store.query_row(
+    """Every narrative of every classified batch has exactly one row, and no row is orphaned.
+
+    Rows of narratives that an ingest removed from the source are kept on purpose (listed in
+    `removed_narratives`, shown by the `removed_classifications` view): they are counted
+    apart, not as orphans.
+    """
+    missing, orphaned, stale, removed = store.query_row(
         """
         WITH done AS (SELECT DISTINCT batch_id FROM classification_rows WHERE experiment = ?)
         SELECT
@@ -52,17 +57,22 @@ def one_row_per_narrative(store: Store, experiment: str) -> Result:
                                AND c.incident_id = n.incident_id AND c.narrative_type = n.narrative_type)) AS missing,
           (SELECT count(*) FROM classification_rows c WHERE c.experiment = ?
              AND NOT EXISTS (SELECT 1 FROM narratives n WHERE n.incident_id = c.incident_id
-                             AND n.narrative_type = c.narrative_type)) AS orphaned,
+                             AND n.narrative_type = c.narrative_type)
+             AND NOT EXISTS (SELECT 1 FROM removed_narratives r WHERE r.incident_id = c.incident_id
+                             AND r.narrative_type = c.narrative_type)) AS orphaned,
           (SELECT count(*) FROM classification_rows c JOIN narratives n USING (incident_id, narrative_type)
-             WHERE c.experiment = ? AND c.text_hash IS DISTINCT FROM n.text_hash) AS stale
+             WHERE c.experiment = ? AND c.text_hash IS DISTINCT FROM n.text_hash) AS stale,
+          (SELECT count(*) FROM classification_rows c JOIN removed_narratives r USING (incident_id, narrative_type)
+             WHERE c.experiment = ?) AS removed
         """,
-        [experiment] * 4,
+        [experiment] * 5,
     )
-    missing, orphaned, stale = int(missing), int(orphaned), int(stale)
+    missing, orphaned, stale, removed = int(missing), int(orphaned), int(stale), int(removed)
     return missing == 0 and orphaned == 0 and stale == 0, {
         "missing_rows": missing,
         "orphaned_rows": orphaned,
         "stale_rows": stale,
+        "removed_narrative_rows": removed,
     }
 
 

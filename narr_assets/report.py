@@ -28,12 +28,16 @@ import numpy as np
 import pandas as pd
 
 from narr_assets.evaluation import NARRATIVE_TYPES, SCOPES, STATUSES, VARIANTS
+from narr_assets.private import write_private_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.typing import RcKeyType
 
 _VARIANT_COLOURS = {"answered": "#4c78a8", "strict": "#e45756"}
+# Per-run copies (`report-<run>.html`) kept next to `report.html`: each holds narrative text,
+# so they are not kept forever; the newest few allow comparing with the last runs.
+REPORT_COPIES = 5
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5rem auto;
@@ -646,8 +650,8 @@ def render_report(
     agreement, reliability diagram, latency and token histograms; pairwise comparisons;
     disagreements (one collapsible ``<details>`` per experiment, at most
     ``MAX_DISAGREEMENT_ROWS`` rows each). Every value taken from the
-    data is HTML-escaped. The file is written to a temporary sibling and renamed, so a reader
-    never sees half a report.
+    data is HTML-escaped. The file is written owner-only (``private.py``) to a temporary
+    sibling and renamed, so a reader never sees half a report.
 
     Args:
         evals: Dicts returned by ``evaluation.evaluate``, in display order.
@@ -660,10 +664,31 @@ def render_report(
     Returns:
         The path written.
     """
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = render_report_html(evals, leaderboard, disagreements, title=title, pairwise=pairwise)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_private_bytes(Path(out_path), text.encode("utf-8"))
+
+
+def prune_report_copies(folder: str | Path, keep: int = REPORT_COPIES, current: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` per-run copies (`report-*.html`) in `folder`.
+
+    `report.html` (the latest) is not a copy and is never deleted.
+
+    Args:
+        folder: The reports folder.
+        keep: How many copies to keep, newest by modification time.
+        current: The copy just written, kept whatever the clock says (coarse timestamps tie).
+
+    Returns:
+        The copies deleted.
+    """
+
+    def age(path: Path) -> tuple[bool, int, str]:
+        try:
+            return (path == current, path.stat().st_mtime_ns, path.name)
+        except FileNotFoundError:  # pruned by a concurrent run
+            return (False, 0, path.name)
+
+    copies = sorted(Path(folder).glob("report-*.html"), key=age, reverse=True)
+    for old in copies[keep:]:
+        old.unlink(missing_ok=True)
+    return copies[keep:]

@@ -12,6 +12,9 @@ tests and the CLI can point the pipeline elsewhere by setting variables before a
 | `NARR_DATA_DIR`    | directory of `NARR_DB`                    | journal, locks, reports, exports|
 | `NARR_BATCH_SIZE`  | `100`                                     | narratives per new batch        |
 | `NARR_LEXICON`     | `configs/lexicon.yaml`                    | lexicon of the `rules` backend  |
+| `NARR_DB_LOCK_WAIT`| `60`                                      | seconds to wait for a locked DB |
+| `NARR_PROMPT_DIRS` | none                                      | more folders for prompt files   |
+| `NARR_SHARE_GROUP` | `0`                                       | `1`: data readable by the group |
 
 Relative paths are resolved against the project root (the folder holding `pyproject.toml`),
 not the current directory, so `dagster dev` and the CLI agree wherever they are started.
@@ -111,13 +114,65 @@ def lexicon_path() -> Path:
     return _path("NARR_LEXICON", "configs/lexicon.yaml")
 
 
+def prompt_dirs() -> list[Path]:
+    """Extra folders prompt files may be read from (`NARR_PROMPT_DIRS`, `os.pathsep`-separated).
+
+    Without it, prompt files must lie in the experiment file's folder or the project's
+    `configs/`; each folder named here is allowed too (with its sub-folders).
+    """
+    raw = os.environ.get("NARR_PROMPT_DIRS") or ""
+    out = []
+    for part in raw.split(os.pathsep):
+        if part.strip():
+            path = Path(part.strip()).expanduser()
+            out.append(path if path.is_absolute() else PROJECT_ROOT / path)
+    return out
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def share_group() -> bool:
+    """Whether restricted data is readable by the owner's group (`NARR_SHARE_GROUP=1`).
+
+    Off by default: the database, journal, locks, reports and exports are owner-only
+    (files 0600, folders 0700); on, files are 0640 and folders 0750.
+    """
+    raw = os.environ.get("NARR_SHARE_GROUP", "")
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise SettingError(f"NARR_SHARE_GROUP must be 1 or 0, got {raw!r}")
+
+
+class SettingError(ValueError):
+    """A `NARR_*` variable holds a value that cannot be used (`narr` exits 2, naming it)."""
+
+
+def db_lock_wait_s() -> float:
+    """Seconds to wait for the database while another process holds it (`NARR_DB_LOCK_WAIT`).
+
+    DuckDB lets one process at a time open the file for writing; `narr` waits this long,
+    retrying, before it gives up with an error naming the holder. 0 fails at once.
+    """
+    raw = os.environ.get("NARR_DB_LOCK_WAIT", "60")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait < float("inf"):
+        raise SettingError(f"NARR_DB_LOCK_WAIT must be a number of seconds >= 0, got {raw!r}")
+    return wait
+
+
 def batch_size() -> int:
     """Narratives per new batch (`NARR_BATCH_SIZE`); existing batches never change."""
     raw = os.environ.get("NARR_BATCH_SIZE", "100")
     try:
         size = int(raw)
     except ValueError:
-        raise ValueError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}") from None
+        raise SettingError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}") from None
     if size < 1:
-        raise ValueError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}")
+        raise SettingError(f"NARR_BATCH_SIZE must be a positive integer, got {raw!r}")
     return size

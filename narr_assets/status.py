@@ -59,22 +59,32 @@ def partition_state(store: Store, cfg: ExperimentConfig) -> PartitionState:
 
 
 def summarise_statuses(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Rows and tokens by status over every stored row of the current config.
+    """Rows and tokens by status over the stored rows of the current config, for current narratives.
 
-    Unlike the batch counts this does not join `narratives`: a row whose narrative was since
-    edited or removed still counts here (its tokens were spent).
+    A row whose narrative was since edited still counts here (its tokens were spent on the
+    corpus as it is). A row whose narrative was removed from the source does not: it is kept,
+    flagged in the `removed_classifications` view, and only counted in `removed_rows`.
     """
     rows = store.query_rows(
         """
         SELECT status, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
-        FROM classification_rows WHERE experiment = ? AND config_hash = ? GROUP BY status ORDER BY status
+        FROM classification_rows c
+        WHERE experiment = ? AND config_hash = ?
+          AND EXISTS (SELECT 1 FROM narratives n
+                      WHERE n.incident_id = c.incident_id AND n.narrative_type = c.narrative_type)
+        GROUP BY status ORDER BY status
         """,
+        [cfg.name, cfg.config_hash],
+    )
+    (removed,) = store.query_row(
+        "SELECT count(*) FROM removed_classifications WHERE experiment = ? AND config_hash = ?",
         [cfg.name, cfg.config_hash],
     )
     return {
         "by_status": {status: int(n) for status, n, _, _ in rows},
         "prompt_tokens": sum(int(prompt) for _, _, prompt, _ in rows),
         "completion_tokens": sum(int(completion) for _, _, _, completion in rows),
+        "removed_rows": int(removed),
     }
 
 

@@ -4,16 +4,21 @@ Every write is one transaction (replace-by-key), so a crash leaves the old rows 
 rows, never half. Write connections are opened per write and closed at once: DuckDB lets one
 process hold a file for writing at a time, so parallel runs take turns for the few
 milliseconds a partition write needs instead of blocking each other for a whole run.
-Connections come from `dagster_duckdb.DuckDBResource`, which retries while another process
-holds the lock.
+While another process holds the file (an open `duckdb` session, another `narr`), opening a
+connection waits - retrying every 0.2 s, saying so every 10 s - for up to `NARR_DB_LOCK_WAIT`
+seconds (default 60), then raises `DatabaseLockedError` naming the holder and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
+import re
+import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,8 @@ import duckdb
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
+from narr_assets import settings
+from narr_assets.private import private_database, private_dir
 from narr_assets.vocabulary import ANSWER_ERRORS, sql_list
 
 # Query parameters: positional (`?`, a sequence) or named (`$name`, a mapping), never both.
@@ -31,8 +38,10 @@ CREATE TABLE IF NOT EXISTS raw_narratives (
     incident_id VARCHAR, narrative_type VARCHAR, narrative_text VARCHAR,
     manual_flag_ind TINYINT, manual_flag TINYINT, label_error VARCHAR, attributes JSON,
     source_path VARCHAR, source_sheet VARCHAR, source_row INTEGER,
-    data_checksum VARCHAR, loaded_at TIMESTAMPTZ
+    data_checksum VARCHAR, loaded_at TIMESTAMPTZ, text_error VARCHAR
 );
+-- Databases created before `text_error` existed (a narrative cell that could not be read).
+ALTER TABLE raw_narratives ADD COLUMN IF NOT EXISTS text_error VARCHAR;
 CREATE TABLE IF NOT EXISTS narratives (
     incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, narrative_text VARCHAR NOT NULL,
     manual_flag_ind TINYINT, manual_flag TINYINT, is_placeholder BOOLEAN, text_hash VARCHAR,
@@ -51,6 +60,11 @@ CREATE TABLE IF NOT EXISTS narrative_conflicts (
 CREATE TABLE IF NOT EXISTS batch_ledger (
     incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, batch_id VARCHAR NOT NULL,
     added_at TIMESTAMPTZ DEFAULT current_timestamp,
+    PRIMARY KEY (incident_id, narrative_type)
+);
+CREATE TABLE IF NOT EXISTS removed_narratives (
+    incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, text_hash VARCHAR, batch_id VARCHAR,
+    removed_at TIMESTAMPTZ, data_checksum VARCHAR,
     PRIMARY KEY (incident_id, narrative_type)
 );
 CREATE TABLE IF NOT EXISTS ingest_log (
@@ -79,7 +93,14 @@ CREATE OR REPLACE VIEW classifications AS
 SELECT c.*, n.narrative_text, n.manual_flag_ind, n.manual_flag, n.is_placeholder, n.attributes,
        (n.text_hash IS DISTINCT FROM c.text_hash) AS is_stale
 FROM classification_rows c
-LEFT JOIN narratives n USING (incident_id, narrative_type);
+JOIN narratives n USING (incident_id, narrative_type);
+CREATE OR REPLACE VIEW removed_classifications AS
+SELECT c.*, r.text_hash AS removed_text_hash, r.removed_at, r.data_checksum AS removed_by_checksum
+FROM classification_rows c
+LEFT JOIN removed_narratives r USING (incident_id, narrative_type)
+WHERE NOT EXISTS (
+    SELECT 1 FROM narratives n WHERE n.incident_id = c.incident_id AND n.narrative_type = c.narrative_type
+);
 """
 
 # The current-row predicate, the one definition of which stored answer belongs to a narrative.
@@ -143,13 +164,98 @@ def _process_lock(path: Path) -> threading.RLock:
         return _PROCESS_LOCKS.setdefault(key, threading.RLock())
 
 
-class Store:
-    """Reads and writes of the project's tables through a `DuckDBResource`."""
+# Waiting for a database file another process holds. DuckDB fails at once when the file is
+# locked; `DuckDBResource.get_connection` retries 10 times with doubling sleeps (0.1 .. 51.2 s):
+# it gives up after 102 s whatever the cause (a permission error takes 102 s to report too),
+# and a lock freed at 27 s was taken at 51 s (measured). We retry lock conflicts only, every
+# LOCK_POLL_S (jittered, so waiting processes do not retry in step), and say so after
+# LOCK_NOTICE_AFTER_S, then every LOCK_PROGRESS_EVERY_S, until `NARR_DB_LOCK_WAIT` runs out.
+LOCK_POLL_S = 0.2
+LOCK_NOTICE_AFTER_S = 1.0
+LOCK_PROGRESS_EVERY_S = 10.0
+QUERY_SAFELY = 'README "Querying the database while narr runs"'
 
-    def __init__(self, resource: DuckDBResource | str | Path):
+_LOCK_CONFLICT = "Could not set lock on file"
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+
+
+class DatabaseLockedError(RuntimeError):
+    """Another process held the database file for longer than the lock wait."""
+
+
+def lock_holder(message: str) -> str:
+    """Who holds the lock, from DuckDB's error: `PID 123 (duckdb)`, else `another process`."""
+    match = _LOCK_HOLDER.search(message)
+    return f"PID {match['pid']} ({Path(match['program']).name})" if match else "another process"
+
+
+def _to_stderr(line: str) -> None:
+    print(f"narr: {line}", file=sys.stderr, flush=True)
+
+
+def connect_waiting(
+    database: str, config: Mapping[str, Any], wait_s: float, notify: Callable[[str], None] = _to_stderr
+) -> duckdb.DuckDBPyConnection:
+    """Open `database` for writing, waiting while another process holds its lock.
+
+    Args:
+        database: the DuckDB file.
+        config: DuckDB connection options.
+        wait_s: how long to keep retrying a lock conflict; 0 tries once.
+        notify: called with a progress line while waiting (default: stderr).
+
+    Returns:
+        An open read-write connection.
+
+    Raises:
+        DatabaseLockedError: the file was still locked after `wait_s`; its message names the
+            file, the holder (DuckDB's error gives the PID) and what to do.
+        duckdb.Error: any other failure to open the file, at once.
+    """
+    started = time.monotonic()
+    notice_at = started + LOCK_NOTICE_AFTER_S
+    while True:
+        try:
+            return duckdb.connect(database, read_only=False, config=dict(config))
+        except duckdb.IOException as exc:
+            if _LOCK_CONFLICT not in str(exc):
+                raise
+            holder = lock_holder(str(exc))
+        now = time.monotonic()
+        waited = now - started
+        if waited >= wait_s:
+            raise DatabaseLockedError(
+                f"{database} is locked by {holder} (waited {wait_s:g} s): close that session or let that process "
+                f"finish, then run the command again; to query during a run use a snapshot or one-shot read-only "
+                f"queries ({QUERY_SAFELY}); NARR_DB_LOCK_WAIT sets the wait"
+            ) from None
+        if now >= notice_at:
+            notify(f"waiting for {database}: locked by {holder} ({waited:.0f} s of {wait_s:g} s)")
+            notice_at = now + LOCK_PROGRESS_EVERY_S
+        time.sleep(min(LOCK_POLL_S * random.uniform(0.5, 1.5), wait_s - waited))
+
+
+class Store:
+    """Reads and writes of the project's tables through a `DuckDBResource`.
+
+    Args:
+        resource: the database (a `DuckDBResource`, or a path).
+        lock_wait_s: how long a connection waits for a file another process holds
+            (default: `NARR_DB_LOCK_WAIT`).
+        on_lock_wait: receives the progress lines of that wait (default: stderr).
+    """
+
+    def __init__(
+        self,
+        resource: DuckDBResource | str | Path,
+        lock_wait_s: float | None = None,
+        on_lock_wait: Callable[[str], None] = _to_stderr,
+    ):
         if not isinstance(resource, DuckDBResource):
             resource = DuckDBResource(database=str(resource))
         self.resource = resource
+        self.lock_wait_s = settings.db_lock_wait_s() if lock_wait_s is None else lock_wait_s
+        self.on_lock_wait = on_lock_wait
         self._schema_ready = False
 
     @property
@@ -159,12 +265,24 @@ class Store:
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection with the schema in place."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _process_lock(self.path), self.resource.get_connection() as con:
+        private_dir(self.path.parent, tighten=False)
+        with _process_lock(self.path), self._connection() as con:
             if not self._schema_ready:
                 _exec(con, SCHEMA)
+                private_database(self.path)  # DuckDB creates its files with the umask's mode
                 self._schema_ready = True
             yield con
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection to the resource's file, waiting out another process's lock (see above)."""
+        # The options `DuckDBResource.get_connection` would pass; we replace only its retry.
+        config = {"custom_user_agent": "dagster", **self.resource.connection_config}
+        con = connect_waiting(self.resource.database, config, self.lock_wait_s, self.on_lock_wait)
+        try:
+            yield con
+        finally:
+            con.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -207,9 +325,25 @@ class Store:
         conflicts: pd.DataFrame,
         new_ledger_rows: pd.DataFrame,
         ingest: dict[str, Any],
+        removed: pd.DataFrame | None = None,
     ) -> None:
-        """Replace the cleaned tables and extend the batch ledger, all in one transaction."""
+        """Replace the cleaned tables and extend the batch ledger, all in one transaction.
+
+        `removed` (`incident_id`, `narrative_type`, `text_hash`, `batch_id`) lists the stored
+        narratives this ingest drops: they are flagged in `removed_narratives` (their results stay
+        in `classification_rows`, shown by the `removed_classifications` view); a flagged
+        narrative that is back in `narratives` is un-flagged.
+        """
         with self.transaction() as con:
+            if removed is not None and not removed.empty:
+                flagged = removed.loc[:, ["incident_id", "narrative_type", "text_hash", "batch_id"]].assign(
+                    removed_at=pd.Timestamp.now(tz="UTC"), data_checksum=ingest.get("data_checksum")
+                )
+                con.register("_removed", flagged)
+                try:
+                    _exec(con, "INSERT OR REPLACE INTO removed_narratives BY NAME SELECT * FROM _removed")
+                finally:
+                    con.unregister("_removed")
             for table, frame in (
                 ("narratives", narratives),
                 ("rejected_rows", rejected),
@@ -220,12 +354,27 @@ class Store:
             _insert(con, "batch_ledger", new_ledger_rows)
             _exec(
                 con,
+                "DELETE FROM removed_narratives r WHERE EXISTS (SELECT 1 FROM narratives n"
+                " WHERE n.incident_id = r.incident_id AND n.narrative_type = r.narrative_type)",
+            )
+            _exec(
+                con,
                 "INSERT INTO ingest_log VALUES (?, ?, current_timestamp, ?)",
                 [ingest.get("data_checksum"), ingest.get("source_path"), json.dumps(ingest, default=str)],
             )
 
     def read_raw(self) -> pd.DataFrame:
         return self.query_df("SELECT * FROM raw_narratives ORDER BY source_row, narrative_type")
+
+    def read_narrative_versions(self) -> pd.DataFrame:
+        """The stored narratives' keys, text hashes, labels and batches (no text)."""
+        return self.query_df(
+            "SELECT incident_id, narrative_type, text_hash, manual_flag_ind, manual_flag, batch_id FROM narratives"
+        )
+
+    def read_removed(self) -> pd.DataFrame:
+        """The narratives flagged as removed from the source (`removed_narratives`)."""
+        return self.query_df("SELECT * FROM removed_narratives ORDER BY incident_id, narrative_type")
 
     def read_ledger(self) -> pd.DataFrame:
         return self.query_df("SELECT incident_id, narrative_type, batch_id FROM batch_ledger")

@@ -18,13 +18,16 @@ OK = "ok"  # the answer parsed into the result schema
 PARSE_ERROR = "parse_error"  # an answer arrived but could not be parsed
 REFUSAL = "refusal"  # the model declined to answer
 TRUNCATED = "truncated"  # the answer was cut off (finish_reason "length")
+# The server refused this one request (HTTP 400/413/422 about the input: context length,
+# content filter), or it was never sent because it is longer than run.max_input_chars.
+REJECTED = "rejected"
 SKIPPED = "skipped"  # never sent: a placeholder narrative under run.skip_placeholders
 FAILED = "failed"  # no current row at all (never asked, transport failure, or stale after an edit)
 
 # What the response parser can return for one answer.
 ANSWER_STATUSES: tuple[str, ...] = (OK, PARSE_ERROR, REFUSAL, TRUNCATED)
 # What a stored `classification_rows` row can hold.
-ROW_STATUSES: tuple[str, ...] = (*ANSWER_STATUSES, SKIPPED)
+ROW_STATUSES: tuple[str, ...] = (*ANSWER_STATUSES, REJECTED, SKIPPED)
 # Every status evaluation knows: the stored ones plus FAILED for a narrative without a current row.
 STATUSES: tuple[str, ...] = (*ROW_STATUSES, FAILED)
 
@@ -32,7 +35,7 @@ STATUSES: tuple[str, ...] = (*ROW_STATUSES, FAILED)
 # exactly these, and the error-rate check counts them. "Unanswered" adds FAILED: under strict
 # scoring these count as wrong, and they never leave a metric's denominator.
 ANSWERED: tuple[str, ...] = (OK,)
-ANSWER_ERRORS: tuple[str, ...] = (PARSE_ERROR, REFUSAL, TRUNCATED)
+ANSWER_ERRORS: tuple[str, ...] = (PARSE_ERROR, REFUSAL, TRUNCATED, REJECTED)
 UNANSWERED: tuple[str, ...] = (*ANSWER_ERRORS, FAILED)
 
 

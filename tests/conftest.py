@@ -99,6 +99,31 @@ def server():
         handle.stop()
 
 
+def materialize(defs, instance, keys, partition_range=None, run_config=None):
+    """Materialise `keys` of a project's definitions on `instance`, as one run (checks included).
+
+    `partition_range` is (first, last) of the batch partitions, like a single-run backfill.
+    """
+    import dagster as dg
+
+    tags = {}
+    if partition_range:
+        tags = {
+            "dagster/asset_partition_range_start": partition_range[0],
+            "dagster/asset_partition_range_end": partition_range[1],
+        }
+    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
+    return dg.materialize(
+        [*assets, *defs.asset_checks],
+        selection=keys,
+        instance=instance,
+        resources=defs.resources,
+        tags=tags,
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
 _WATCHED = ("NARR_", "DAGSTER_HOME")
 
 

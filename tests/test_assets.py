@@ -5,8 +5,7 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
-import pytest
-from conftest import write_experiment, write_long_csv
+from conftest import materialize, write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.definitions import build_definitions
@@ -23,25 +22,6 @@ INGEST = INGEST_KEYS
 def project_settings(project, source, batch_size: int = 100) -> NarrSettings:
     """The settings resource of a test project: built directly, no environment edited."""
     return NarrSettings(source=str(source), data_dir=str(project), batch_size=batch_size)
-
-
-def materialize(defs, instance, keys, partition_range=None, run_config=None):
-    tags = {}
-    if partition_range:
-        tags = {
-            "dagster/asset_partition_range_start": partition_range[0],
-            "dagster/asset_partition_range_end": partition_range[1],
-        }
-    assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
-    return dg.materialize(
-        [*assets, *defs.asset_checks],
-        selection=keys,
-        instance=instance,
-        resources=defs.resources,
-        tags=tags,
-        run_config=run_config,
-        raise_on_error=False,
-    )
 
 
 def test_asset_keys_snapshot(project):
@@ -171,11 +151,14 @@ def test_sensor_requests_one_run_per_new_checksum(project):
         assert result.run_requests[0].run_key == file_checksum(source) == result.cursor
 
 
-def test_experiment_file_error_fails_loading_with_file_name(project):
+def test_experiment_file_error_leaves_out_only_that_file(project):
     bad = project / "experiments" / "broken.yaml"
     bad.write_text("backend: openai\nmodel:\n  temperature: 9\n")
-    with pytest.raises(Exception, match=r"broken\.yaml"):
-        build_definitions()
+    defs = build_definitions()
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert "rules/classifications" in keys and not any(k.startswith("broken/") for k in keys)
+    leaderboard = defs.get_assets_def(dg.AssetKey("leaderboard"))
+    assert f"invalid experiment file: {bad}" in leaderboard.descriptions_by_key[dg.AssetKey("leaderboard")]
 
 
 def test_automation_is_opt_in_per_experiment(project, server):

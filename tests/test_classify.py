@@ -237,3 +237,26 @@ def test_parser_upgrade_reparses_from_the_journal_without_calls(project, ingeste
     assert server.stats()["chat_requests"] == 76
     assert set(store.read_classifications("llm")["parser_version"]) == {"9.9.9"}
     assert partition_state(store, cfg).missing == []
+
+
+@pytest.mark.parametrize(("error", "cause"), [(OSError(), "OSError"), (OSError(28, "No space left"), "OSError: ")])
+def test_a_failed_write_fails_its_batch_whatever_the_error_message(error, cause):
+    import asyncio
+
+    from narr_assets.classify import BatchWriter
+
+    def write(frames):
+        raise error
+
+    async def go() -> BatchWriter:
+        writer = BatchWriter(write, {"b1": [], "b2": []}, interval_s=0)
+        writer.start()
+        writer.submit("b1")
+        writer.submit("b2")
+        await writer.finish()
+        return writer
+
+    writer = asyncio.run(go())  # an exception without a message used to raise IndexError here
+    assert writer.written == [] and sorted(writer.failures) == ["b1", "b2"]
+    assert writer.failures["b1"].startswith(f"writing the batch failed ({cause}")
+    assert "previous rows are intact" in writer.failures["b1"]

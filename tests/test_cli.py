@@ -177,6 +177,67 @@ def test_dagster_cli_materializes_ingestion_and_a_partition(project):
 def test_unknown_experiment_and_bad_source_are_clear(project):
     env = env_for(project, project / "missing.xlsx")
     proc = narr(env, "run", "nope", check=False)
-    assert proc.returncode != 0 and "unknown experiment(s) nope" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("narr: unknown experiment(s) nope")
     proc = narr(env, "run", "rules", check=False)
-    assert proc.returncode != 0 and "missing.xlsx" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("narr: source file not found")
+    assert "missing.xlsx" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_concurrent_first_runs_on_a_fresh_instance_all_succeed(project):
+    """Three `narr run`s started at once on an empty DAGSTER_HOME (twice over) all succeed.
+
+    Before the instance set-up and the ingestion were serialised, 3 of 6 such starts had a
+    process die: creating the SQLite run storage at once ("table ... already exists", a second
+    alembic head), or running on batches another process had not yet registered.
+    """
+    source = write_long_csv(project / "input.csv", 10)
+    rules = (project / "experiments" / "rules.yaml").read_text()
+    for rep in range(2):
+        folder = project / f"first_run_{rep}"
+        (folder / "experiments").mkdir(parents=True)
+        for name in ("a", "b", "c"):
+            (folder / "experiments" / f"rules_{name}.yaml").write_text(rules)
+        env = env_for(folder, source)
+        assert not Path(env["DAGSTER_HOME"]).exists()
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "narr"), "run", f"rules_{name}", "--no-metrics"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for name in ("a", "b", "c")
+        ]
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        store = Store(folder / "narr.duckdb")
+        for name in ("a", "b", "c"):
+            assert len(store.read_classifications(f"rules_{name}")) == 20
+
+
+@pytest.mark.slow
+def test_run_on_a_new_dagster_home_over_an_existing_database(project):
+    """The database's batches are registered with a new instance instead of being unknown partitions."""
+    source = write_long_csv(project / "input.csv", 10)
+    narr(env_for(project, source), "ingest")
+    env = {**env_for(project, source), "DAGSTER_HOME": str(project / "another_dagster_home")}
+    out = narr(env, "run", "rules").stdout
+    assert "registering the database's batches" in out and "ingesting" not in out
+    assert len(Store(project / "narr.duckdb").read_classifications("rules")) == 20
+
+
+def test_ingest_refuses_a_mass_removal_until_allowed(project):
+    full = write_long_csv(project / "full.csv", 20)  # 40 narratives
+    env = env_for(project, full)
+    narr(env, "ingest")
+    short = write_long_csv(project / "short.csv", 5)  # would remove 30 of 40
+    env = env_for(project, short)
+    refused = narr(env, "ingest", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--allow-removal" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert len(Store(project / "narr.duckdb").read_narratives()) == 40  # nothing changed
+    narr(env, "ingest", "--allow-removal")
+    assert len(Store(project / "narr.duckdb").read_narratives()) == 10

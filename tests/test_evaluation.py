@@ -24,6 +24,7 @@ from narr_assets.evaluation import (
     DISAGREEMENT_COLUMNS,
     PAIRWISE_COLUMNS,
     SCOPES,
+    STATUSES,
     VARIANTS,
     binary_metrics,
     bootstrap_f1_interval,
@@ -41,7 +42,7 @@ from narr_assets.evaluation import (
     wilson_interval,
 )
 
-ERRORS = ("parse_error", "refusal", "truncated", "failed")
+ERRORS = ("parse_error", "refusal", "truncated", "rejected", "failed")
 
 
 # --------------------------------------------------------------------------------------
@@ -386,6 +387,18 @@ def test_strict_f1_below_answered_when_errors_hit_positives(error_status):
     assert strict["f1"] < answered["f1"]
 
 
+def test_a_rejected_row_is_an_error_in_coverage_and_wrong_under_strict_scoring():
+    recs = _clean_rows()
+    recs[0].update(status="rejected", detected=None, confidence=None)  # a positive the server refused
+    recs[20].update(status="rejected", detected=None, confidence=None)  # a negative the server refused
+    ev = evaluate(make_rows(recs), n_boot=0)
+    cov = ev["coverage"]
+    assert cov["by_status"]["rejected"] == 2 and cov["n_errors"] == 2 and cov["n_skipped"] == 0
+    strict, answered = ev["scopes"]["overall"]["strict"], ev["scopes"]["overall"]["answered"]
+    assert (strict["tp"], strict["fp"], strict["tn"], strict["fn"]) == (9, 1, 29, 1)
+    assert strict["n"] == 40 and answered["n"] == 38
+
+
 def test_errors_on_negatives_become_false_positives_and_skipped_negatives():
     recs = _clean_rows()
     recs[20].update(status="refusal", detected=None)  # a negative that errors -> FP
@@ -620,7 +633,8 @@ def test_evaluation_tables():
     assert len(tables["metrics"]) == len(SCOPES) * len(VARIANTS)
     row = tables["metrics"].set_index(["scope", "variant"]).loc[("le", "strict")]
     assert row["f1"] == pytest.approx(ev["scopes"]["le"]["strict"]["f1"])
-    assert len(tables["coverage"]) == 6 and tables["coverage"]["n"].sum() == ev["coverage"]["n_rows"]
+    assert len(tables["coverage"]) == len(STATUSES) and tables["coverage"]["n"].sum() == ev["coverage"]["n_rows"]
+    assert "rejected" in set(tables["coverage"]["status"])  # one row per status, the new one too
     assert len(tables["calibration"]) == 10
     assert len(tables["prevalence"]) == 4 and len(tables["summary"]) == 1
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
 
-from narr_assets.exports import neutralise_formulas, write_export
+from narr_assets.exports import FORMATS, neutralise_formulas, write_export
 
 
 @pytest.mark.parametrize(
@@ -48,3 +49,26 @@ def test_parquet_and_jsonl_keep_values_exact(tmp_path):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown export format 'xls'"):
         write_export(pd.DataFrame({"a": [1]}), tmp_path / "o.xls", "xls")
+
+
+def test_exports_are_owner_only_and_replace_looser_files(tmp_path):
+    old_umask = os.umask(0o022)  # the common umask: the modes must come from the code
+    try:
+        frame = pd.DataFrame({"narrative_text": ["V was found."]})
+        for fmt in FORMATS:
+            path = write_export(frame, tmp_path / "new" / f"o.{fmt}", fmt)
+            assert oct(path.stat().st_mode & 0o777) == "0o600", fmt
+        assert oct((tmp_path / "new").stat().st_mode & 0o777) == "0o700"  # created by the export
+        loose = tmp_path / "mine"
+        loose.mkdir()
+        loose.chmod(0o755)
+        (loose / "o.csv").write_text("old")
+        (loose / "o.csv").chmod(0o644)
+        write_export(frame, loose / "o.csv", "csv")  # `narr export -o mine/o.csv`
+        assert oct((loose / "o.csv").stat().st_mode & 0o777) == "0o600"  # tightened when written again
+        assert oct(loose.stat().st_mode & 0o777) == "0o755"  # a folder the user chose is theirs
+        write_export(frame, loose / "o.csv", "csv", tighten_folder=True)  # the data folder's exports/
+        assert oct(loose.stat().st_mode & 0o777) == "0o700"
+        assert sorted(p.name for p in loose.iterdir()) == ["o.csv"]  # no temporary file left
+    finally:
+        os.umask(old_umask)

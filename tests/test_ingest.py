@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import openpyxl
 import pandas as pd
 import pytest
 
+from narr_assets import ingest as ingest_module
 from narr_assets.ingest import (
     FRAME_COLUMNS,
     IngestError,
@@ -707,3 +709,82 @@ def test_auto_engine_falls_back_to_openpyxl(tmp_path: Path, monkeypatch: pytest.
     raw = read_source(path)
     assert raw.reader == "openpyxl"
     assert raw.frame["incident_id"].tolist() == ["1", "1"]
+
+
+# --------------------------------------------------------------------------- formulas without values
+
+FORMULA_REASON = (
+    "column {} holds a formula without a saved value; open and save the file in Excel "
+    "(or paste the cells as values) so the text is stored"
+)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_formula_without_saved_value_is_flagged_not_empty(tmp_path: Path, engine: str) -> None:
+    """openpyxl writes formulas without computing them: the cell reads as empty but is not."""
+    path = write_xlsx(
+        tmp_path / "formulas.xlsx",
+        [
+            ["IncidentID", "NarrativeCME", "NarrativeLE", "Link"],
+            ["1", '=HYPERLINK("https://example.org/1", "case 1")', "le text", None],
+            ["2", "cme text", None, '=HYPERLINK("https://example.org/2")'],
+            ["3", None, '=CONCATENATE("a", "b")', None],
+        ],
+    )
+    raw = read_source(path, engine=engine)
+    assert rows_of(raw.frame, "incident_id", "narrative_type", "narrative_text", "text_error") == [
+        ("1", "cme", None, FORMULA_REASON.format("NarrativeCME")),
+        ("1", "le", "le text", None),
+        ("2", "cme", "cme text", None),
+        ("2", "le", None, None),  # empty: the formula is in another column
+        ("3", "cme", None, None),
+        ("3", "le", None, FORMULA_REASON.format("NarrativeLE")),
+    ]
+
+
+def test_formula_without_saved_value_in_the_long_layout(tmp_path: Path) -> None:
+    path = write_xlsx(
+        tmp_path / "long.xlsx",
+        [["incident_id", "narrative_type", "narrative_text"], ["1", "cme", "=A2"], ["1", "le", "text"]],
+    )
+    assert read_source(path).frame["text_error"].tolist() == [FORMULA_REASON.format("narrative_text"), None]
+
+
+def test_formula_with_a_saved_value_reads_its_value(tmp_path: Path) -> None:
+    """A formula Excel computed keeps its value: neither empty nor flagged."""
+    path = write_xlsx(tmp_path / "saved.xlsx", [["IncidentID", "NarrativeCME", "NarrativeLE"], ["1", "=B5", "x"]])
+    # Give the formula the saved string value Excel would have written.
+    with zipfile.ZipFile(path) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    sheet = parts["xl/worksheets/sheet1.xml"]
+    assert sheet.count(b'<c r="B2"><f>B5</f><v /></c>') == 1
+    parts["xl/worksheets/sheet1.xml"] = sheet.replace(
+        b'<c r="B2"><f>B5</f><v /></c>', b'<c r="B2" t="str"><f>B5</f><v>computed text</v></c>'
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+    raw = read_source(path)
+    assert raw.frame["narrative_text"].tolist() == ["computed text", "x"]
+    assert raw.frame["text_error"].isna().all()
+
+
+def test_formula_check_reads_the_workbook_again_only_when_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No empty narrative cell, or no formula anywhere: the openpyxl pass is skipped."""
+    calls: list[set[tuple[int, int]]] = []
+    real = ingest_module._formula_cells
+
+    def counted(data: bytes, where: str, sheet: str, candidates: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        calls.append(candidates)
+        return real(data, where, sheet, candidates)
+
+    monkeypatch.setattr(ingest_module, "_formula_cells", counted)
+    header = ["IncidentID", "NarrativeCME", "NarrativeLE", "Year"]
+    read_source(write_xlsx(tmp_path / "full.xlsx", [header, ["1", "a", "b", "=2000+24"]]))
+    read_source(write_xlsx(tmp_path / "plain.xlsx", [header, ["1", "a", None, "2024"]]))
+    assert calls == []
+    raw = read_source(write_xlsx(tmp_path / "both.xlsx", [header, ["1", "a", None, "=2000+24"]]))
+    assert calls == [{(2, 2)}]  # only the empty narrative cell (row 2, column C) is looked at
+    assert raw.frame["text_error"].isna().all()

@@ -87,3 +87,127 @@ def test_transport_errors_say_what_happened(server, tmp_path):
     assert _one_error(tmp_path, server.base_url).startswith("connection error: ")
     server.configure(drop=0.0, hang=1.0, hang_s=5.0)
     assert _one_error(tmp_path, server.base_url, timeout_s=0.5) == "timed out after 0.5 s"
+
+
+@pytest.mark.parametrize(
+    ("bad", "what"),
+    [
+        ({"choices": [{"message": "just text"}]}, "message"),
+        ({"choices": [{"message": ["a", "b"]}]}, "message"),
+        ({"choices": [{"message": {"content": "{}"}}], "usage": "lots"}, "usage"),
+        ({"choices": [{"message": {"content": "{}"}}], "usage": [1, 2]}, "usage"),
+    ],
+)
+def test_a_message_or_usage_that_is_not_an_object_is_transient(bad, what):
+    with pytest.raises(TransientError, match=f"malformed response body \\({what} is not an object\\)"):
+        raw_from_body(bad, 0.1)
+
+
+SECRET = "sk-proj-Zx81kQ0v2LmN4pR6tY8wE1aS3dF5gH7j"
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        f"Incorrect API key provided: {SECRET}.",
+        f"Incorrect API key provided: Bearer {SECRET}",
+        f"bad key {SECRET[:20]} (truncated)",  # a piece of the key is the key too
+        f"header was 'authorization: bearer {SECRET}', refused",
+        f"key={SECRET}&model=x",
+    ],
+)
+def test_redact_removes_the_key_a_piece_of_it_and_bearer_tokens(echo):
+    from narr_assets.llm import redact
+
+    out = redact(echo, [SECRET])
+    assert SECRET not in out and SECRET[3:11] not in out and "[redacted]" in out
+
+
+def test_redact_cuts_an_echoed_narrative_truncates_after_redacting_and_keeps_one_line():
+    from narr_assets.llm import redact
+
+    narrative = "Her ex-husband Bartholomew Okonkwo-Reyes had threatened her at the laundromat."
+    out = redact(f"Invalid input 'Classify:\n{narrative}' at position 3", text=narrative)
+    assert "Okonkwo" not in out and "[narrative text]" in out and "\n" not in out
+    assert out.startswith("Invalid input") and out.endswith("at position 3")
+    # The key sits across the truncation point: redacted first, so no half of it survives.
+    long = "x" * 190 + SECRET
+    cut = redact(long, [SECRET], limit=200)
+    assert SECRET[:10] not in cut and len(cut) <= 203
+    assert redact("short and fine") == "short and fine"
+
+
+def _status_error(status: int, body: object = None, headers: dict | None = None):
+    """`OpenAIBackend._status_error` on what it reads of the SDK's APIStatusError."""
+    from types import SimpleNamespace
+
+    from narr_assets.llm import OpenAIBackend
+
+    cfg = SimpleNamespace(
+        source_file="experiments/x.yaml",
+        run=SimpleNamespace(timeout_s=5.0),
+        model=SimpleNamespace(base_url="http://h/v1", name="m", api_key_env="K"),
+    )
+    backend = OpenAIBackend.__new__(OpenAIBackend)
+    backend.cfg, backend.secrets = cfg, (SECRET,)  # type: ignore[assignment]
+    exc = SimpleNamespace(status_code=status, body=body, response=SimpleNamespace(headers=headers or {}))
+    return backend._status_error(exc, "a narrative text here")  # type: ignore[arg-type]
+
+
+def test_http_errors_sort_into_transient_unreachable_rejected_and_fatal():
+    from narr_assets.llm import FatalError, RejectedError
+
+    for status in (502, 503, 504):
+        err = _status_error(status)
+        assert isinstance(err, TransientError) and err.unreachable
+    for status in (429, 500):
+        err = _status_error(status, headers={"retry-after": "2"})
+        assert isinstance(err, TransientError) and not err.unreachable and err.retry_after == 2.0
+    refused = _status_error(
+        400, {"message": "maximum context length is 8192 tokens, got 9000", "code": "context_length_exceeded"}
+    )
+    assert isinstance(refused, RejectedError)
+    assert str(refused) == "HTTP 400 (context_length_exceeded): maximum context length is 8192 tokens, got 9000"
+    # Token counts differ per narrative; the signature does not.
+    other = _status_error(
+        400, {"message": "maximum context length is 8192 tokens, got 12000", "code": "context_length_exceeded"}
+    )
+    assert isinstance(other, RejectedError) and other.signature == refused.signature
+    assert isinstance(_status_error(413, "Payload Too Large"), RejectedError)
+    detail = {"detail": [{"msg": "Value error, too long", "input": "a narrative text here, quoted"}]}
+    fastapi = _status_error(422, detail)
+    assert isinstance(fastapi, RejectedError) and str(fastapi) == "HTTP 422: Value error, too long"
+    for status in (401, 403, 404):
+        fatal = _status_error(status, {"message": f"no: Bearer {SECRET}"})
+        assert isinstance(fatal, FatalError) and SECRET not in str(fatal) and "http://h/v1" in str(fatal)
+    wide = refused.experiment_wide(5)
+    assert "refused the first 5 narratives" in str(wide) and "output.mode" in str(wide)
+    assert "experiments/x.yaml: endpoint http://h/v1" in str(wide)
+
+
+def test_a_server_that_is_not_running_is_unreachable(tmp_path):
+    import socket
+
+    from conftest import write_experiment
+
+    from narr_assets.experiments import load_experiment
+    from narr_assets.llm import OpenAIBackend
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = load_experiment(write_experiment(tmp_path, "probe", f"http://127.0.0.1:{port}/v1"))
+
+    async def go() -> TransientError:
+        backend = OpenAIBackend(cfg)
+        try:
+            await backend.complete("a narrative")
+        except TransientError as exc:
+            return exc
+        finally:
+            await backend.aclose()
+        raise AssertionError("no error")
+
+    import asyncio
+
+    assert asyncio.run(go()).unreachable

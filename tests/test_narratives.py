@@ -22,6 +22,7 @@ from narr_assets.narratives import (
     batch_key,
     batch_number,
     clean_narratives,
+    compare_narratives,
     placeholder_mask,
     text_hash,
 )
@@ -122,6 +123,25 @@ def test_rejections_with_reasons_and_no_text() -> None:
     assert not result.rejected.astype(str).apply(lambda col: col.str.contains("secret")).any().any()
     assert result.narratives["narrative_type"].tolist() == ["cme"]  # "CME" normalised
     assert result.stats["rejected"] == 6
+    assert accounted(result.stats) == len(frame)
+
+
+def test_unreadable_narrative_cell_is_rejected_not_dropped_as_empty() -> None:
+    """A formula cell without a saved value reads as empty; `text_error` sends it to the rejected rows."""
+    formula = "column NarrativeCME holds a formula without a saved value; open and save the file in Excel"
+    frame = long_frame(
+        [
+            ("1", "cme", None, None, None, None, 2),
+            ("1", "le", "real text", None, None, None, 2),
+            ("2", "cme", None, None, None, None, 3),
+            (None, "le", None, None, None, None, 3),
+        ]
+    )
+    frame["text_error"] = [formula, None, None, formula]
+    result = clean_narratives(frame)
+    assert result.rejected["reason"].tolist() == [formula, f"missing incident ID; {formula}"]
+    assert result.rejected["source_row"].tolist() == [2, 3]
+    assert result.stats["empty_dropped"] == 1 and result.stats["rejected"] == 2 and result.stats["narratives"] == 1
     assert accounted(result.stats) == len(frame)
 
 
@@ -486,6 +506,71 @@ def test_ledger_properties(runs: list[set[int]], batch_size: int) -> None:
         assert not ledger.duplicated(["incident_id", "narrative_type"]).any()
         current_keys = {(str(i), t) for i in ids for t in ("cme", "le")}
         assert current_keys <= set(map(tuple, ledger[["incident_id", "narrative_type"]].values.tolist()))
+
+
+# --------------------------------------------------------------------------- what an ingest changes
+
+
+def versions(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+    """Stored narratives as `Store.read_narrative_versions` returns them (labels as floats, NaN)."""
+    frame = pd.DataFrame(
+        rows, columns=["incident_id", "narrative_type", "text_hash", "manual_flag_ind", "manual_flag", "batch_id"]
+    )
+    frame["manual_flag_ind"] = frame["manual_flag_ind"].astype("float64")
+    frame["manual_flag"] = frame["manual_flag"].astype("float64")
+    return frame
+
+
+def test_compare_narratives_counts_each_kind_of_change() -> None:
+    stored = versions(
+        [
+            ("1", "cme", "h1", 1, None, "b00000"),  # unchanged
+            ("1", "le", "h2", 0, None, "b00000"),  # text changed
+            ("2", "cme", "h3", None, None, "b00000"),  # label set: labels changed
+            ("2", "le", "h4", 1, 1, "b00001"),  # incident label changed
+            ("3", "cme", "h5", 0, None, "b00001"),  # text and label changed: counts as changed
+            ("4", "le", "h6", 0, None, "b00001"),  # removed
+        ]
+    )
+    new = versions(
+        [
+            ("1", "cme", "h1", 1, None, None),
+            ("1", "le", "h2x", 0, None, None),
+            ("2", "cme", "h3", 1, None, None),
+            ("2", "le", "h4", 1, 0, None),
+            ("3", "cme", "h5x", 1, None, None),
+            ("5", "cme", "h7", None, None, None),  # added, removed by an earlier ingest
+            ("6", "le", "h8", None, None, None),  # added
+        ]
+    )
+    earlier = pd.DataFrame({"incident_id": ["5"], "narrative_type": ["cme"]})
+    changes = compare_narratives(stored, new.drop(columns="batch_id"), earlier)
+    assert changes.counts == {
+        "added": 2,
+        "changed": 2,
+        "labels_changed": 2,
+        "removed": 1,
+        "unchanged": 1,
+        "restored": 1,
+    }
+    assert changes.removed.to_dict("records") == [
+        {"incident_id": "4", "narrative_type": "le", "text_hash": "h6", "batch_id": "b00001"}
+    ]
+    assert changes.stored == 6 and not changes.mass_removal
+
+
+def test_compare_narratives_mass_removal_is_more_than_half() -> None:
+    stored = versions([(str(i), "cme", f"h{i}", None, None, "b00000") for i in range(4)])
+    assert not compare_narratives(stored, stored.iloc[:2]).mass_removal  # 2 of 4: half
+    assert compare_narratives(stored, stored.iloc[:1]).mass_removal  # 3 of 4
+    assert not compare_narratives(stored.iloc[:0], stored).mass_removal  # first ingest
+
+
+def test_compare_narratives_missing_labels_compare_equal_across_dtypes() -> None:
+    """Stored labels come back from DuckDB as floats with NaN, new ones as nullable Int64."""
+    stored = versions([("1", "cme", "h1", None, None, "b00000"), ("1", "le", "h2", 1, None, "b00000")])
+    new = stored.drop(columns="batch_id").astype({"manual_flag_ind": "Int64", "manual_flag": "Int64"})
+    assert compare_narratives(stored, new).counts["unchanged"] == 2
 
 
 def test_empty_input(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ through :func:`read_source` and :func:`clean_narratives`. The properties:
 4. labels: the documented spellings map to 0/1/None, identically from CSV and from .xlsx;
 5. narrative text survives exactly (apart from surrounding whitespace), control characters
    included (NUL has its own tests);
-6. ``text_hash`` is deterministic and tells different texts apart.
+6. ``text_hash`` is deterministic and tells different texts apart;
+7. the checksum is the MD5 of the file's bytes, and no text cell (even one starting with
+   ``=``) is taken for a formula without a saved value;
+8. ``compare_narratives`` accounts for every stored and every new narrative exactly once.
 
 Known bugs are pinned as explicit ``@example`` / parametrised cases marked
 ``xfail(strict=True)``: when the module is fixed the mark must go (strict XPASS fails).
@@ -49,7 +52,7 @@ from narr_assets.ingest import (
     parse_label,
     read_source,
 )
-from narr_assets.narratives import REJECTED_COLUMNS, CleanResult, clean_narratives, text_hash
+from narr_assets.narratives import REJECTED_COLUMNS, CleanResult, clean_narratives, compare_narratives, text_hash
 
 # File-writing examples are slow-ish (an .xlsx save is ~10 ms), so they get a moderate budget;
 # the whole module must stay well under 40 s on a shared 2-core machine.
@@ -446,8 +449,12 @@ def check_clean(result: CleanResult, load: RawLoad) -> None:
 def test_any_cells_in_a_well_formed_sheet_load_and_clean(sheet: Sheet, fmt: str) -> None:
     with sheet_file(sheet, fmt) as path:
         load = load_or_error(path)
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
     # The header is valid and the file well formed: refusing it would be a bug.
     assert isinstance(load, RawLoad), f"well-formed {fmt} refused: {load}"
+    assert load.checksum == digest
+    # Text cells only (the writer stores "=..." as text): nothing is a formula without a value.
+    assert load.frame["text_error"].isna().all()
     check_load(load, sheet, fmt)
     check_clean(clean_narratives(load), load)
     assert clean_narratives(load, rows_read=7).stats["rows_read"] == 7
@@ -808,3 +815,40 @@ def test_attributes_survive_as_json(tmp_path: Path) -> None:
     )
     attributes = [json.loads(a) for a in read_source(path).frame["attributes"]]
     assert attributes == [{"SiteID": "12", "column_E": "x\u200f"}] * 2
+
+
+# --------------------------------------------------------------------------- 8: what an ingest changes
+
+corpus_versions = st.dictionaries(
+    st.tuples(st.sampled_from("123456"), st.sampled_from(["cme", "le"])),
+    st.tuples(st.sampled_from(["h1", "h2"]), st.sampled_from([0, 1, None]), st.sampled_from([0, 1, None])),
+    max_size=12,
+)
+
+
+def versions_frame(versions: dict[tuple[str, str], tuple[str, int | None, int | None]]) -> pd.DataFrame:
+    rows = [(i, t, h, ind, inc, "b00000") for (i, t), (h, ind, inc) in versions.items()]
+    frame = pd.DataFrame(
+        rows, columns=["incident_id", "narrative_type", "text_hash", "manual_flag_ind", "manual_flag", "batch_id"]
+    )
+    return frame.astype({"incident_id": object, "manual_flag_ind": "Int64", "manual_flag": "Int64"})
+
+
+@PURE
+@given(stored=corpus_versions, new=corpus_versions)
+def test_compare_narratives_accounts_for_every_narrative(
+    stored: dict[tuple[str, str], tuple[str, int | None, int | None]],
+    new: dict[tuple[str, str], tuple[str, int | None, int | None]],
+) -> None:
+    changes = compare_narratives(versions_frame(stored), versions_frame(new))
+    counts = changes.counts
+    assert counts["added"] + counts["changed"] + counts["labels_changed"] + counts["unchanged"] == len(new)
+    assert counts["removed"] + len(new) - counts["added"] == len(stored)
+    assert counts["added"] == len(new.keys() - stored.keys())
+    assert set(zip(changes.removed["incident_id"], changes.removed["narrative_type"], strict=True)) == (
+        stored.keys() - new.keys()
+    )
+    assert counts["unchanged"] == sum(new[k] == stored[k] for k in new.keys() & stored.keys())
+    assert changes.mass_removal == (2 * len(stored.keys() - new.keys()) > len(stored))
+    if stored == new:
+        assert counts["unchanged"] == len(new) and counts["removed"] == counts["added"] == 0

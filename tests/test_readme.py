@@ -35,3 +35,16 @@ def test_every_environment_variable_is_documented():
     source = (ROOT / "narr_assets" / "settings.py").read_text()
     for var in sorted(set(re.findall(r'"(NARR_[A-Z_]+)"', source))):
         assert f"`{var}`" in README, f"{var} is not documented in README.md"
+
+
+def test_every_test_the_reliability_table_names_exists():
+    section = README[README.index("## Reliability") :]
+    section = section[: section.index("\n## ", 1)]
+    named = re.findall(r"`(test_[a-z_]+\.py)::(test_[a-z0-9_]+)`", section)
+    assert len(named) >= 30
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^(async )?def {name}\(", (ROOT / "tests" / file).read_text(), re.M)
+    ]
+    assert missing == []

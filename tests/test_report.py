@@ -185,3 +185,15 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, narr_assets.report; assert 'matplotlib' not in sys.modules"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
+
+
+def test_rejected_rows_have_their_own_line_in_the_coverage_table(tmp_path):
+    df = _rows("refused", 5)
+    refused = df.index[:3]  # incident 1000 cme/le and 1001 cme: two cme, one le
+    df.loc[refused, "status"] = "rejected"
+    df.loc[refused, "detected"] = None
+    ev = evaluate(df, n_boot=0)
+    html = render_report([ev], leaderboard([ev]), {}, tmp_path / "r.html").read_text()
+    assert '<tr><td class="t">rejected</td><td>3</td><td>2</td><td>1</td></tr>' in html
+    n_errors = int((df["status"] != "ok").sum())
+    assert ev["coverage"]["n_errors"] == n_errors and f"{n_errors:,} errors" in html

@@ -122,6 +122,11 @@ def test_extract_narrative_from_last_user_message(content: object, expected: str
         ({"fail_first_n": 1.5}, "fail_first_n"),
         ({"models": "gpt"}, "models"),
         ({"no_such_key": 1}, "no_such_key"),
+        ({"echo_key": "yes"}, "echo_key"),
+        ({"echo_input": 1}, "echo_input"),
+        ({"reject_param": ""}, "reject_param"),
+        ({"reject_text": 3}, "reject_text"),
+        ({"max_prompt_chars": -1}, "max_prompt_chars"),
     ],
 )
 def test_fault_config_rejects_bad_values(updates: dict[str, object], match: str) -> None:
@@ -314,6 +319,56 @@ def test_api_key_required(srv: ServerHandle, client: OpenAI) -> None:
     assert stats["by_outcome"]["unauthorized"] == 1
     assert stats["by_outcome"]["ok"] == 1
     assert srv.configure()["api_key"] == "***"
+
+
+def test_echo_key_repeats_the_bearer_token_in_error_messages(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(api_key="s3cret", echo_key=True)
+    with pytest.raises(openai.AuthenticationError) as info:
+        chat(client)  # the client's key is "test"
+    assert "Incorrect API key provided: Bearer test" in str(info.value)
+    srv.configure(api_key=None, max_prompt_chars=10)
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client)
+    assert "[Authorization: Bearer test]" in str(refused.value)
+
+
+def test_reject_param_refuses_every_request_that_carries_it(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(reject_param="response_format")
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, response_format={"type": "json_object"})
+    assert "Unrecognized request argument supplied: response_format" in str(info.value)
+    assert chat(client).choices[0].finish_reason == "stop"  # without it: answered
+    outcomes = srv.stats()["by_outcome"]
+    assert outcomes["bad_param"] == 1 and outcomes["ok"] == 1
+
+
+def test_max_prompt_chars_refuses_long_prompts_only(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(max_prompt_chars=400)
+    assert chat(client).choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, narrative=POSITIVE * 10)
+    assert info.value.code == "context_length_exceeded"
+    assert "maximum context length is 100 tokens" in str(info.value)
+    stats = srv.stats()
+    assert stats["by_outcome"]["too_long"] == 1 and stats["chat_requests"] == 2
+
+
+def test_reject_text_is_a_content_filter_per_narrative(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(reject_text="RESTRAINING order")
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, narrative=POSITIVE)
+    assert info.value.code == "content_filter"
+    assert chat(client, narrative=NEGATIVE).choices[0].finish_reason == "stop"
+    assert srv.stats()["by_outcome"]["filtered"] == 1
+
+
+def test_echo_input_answers_refusals_in_fastapis_shape(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(max_prompt_chars=50, echo_input=True)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        chat(client)
+    (detail,) = info.value.body["detail"]  # type: ignore[index]
+    assert detail["loc"] == ["body", "messages", 1, "content"] and detail["input"] == user_prompt(POSITIVE)
+    assert detail["msg"].startswith("Value error, This model's maximum context length")
 
 
 def test_unknown_model_404(srv: ServerHandle, client: OpenAI) -> None:

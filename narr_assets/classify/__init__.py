@@ -7,7 +7,10 @@ boundaries; each answer is journalled the moment it arrives, and a batch is writ
 (atomically, by a single writer task) as soon as its last narrative is done. A narrative whose
 call still fails after `run.max_retries` retries fails its batch - the batch is not written and
 the run raises at the end, after every other batch is journalled and written - so a
-backfill or `narr run` resumes exactly the missing work.
+backfill or `narr run` resumes exactly the missing work. A request the server refuses for its
+input (HTTP 400/413/422) is a `rejected` row; a run that nothing answers stops within a minute;
+a run asked to stop (SIGINT, SIGTERM, a Dagster termination) finishes its requests in flight,
+journals them and writes the complete batches first.
 
 Modules, in the order a run uses them:
 
@@ -16,7 +19,9 @@ Modules, in the order a run uses them:
 - `locks`: one process per batch at a time (`partition_locks`);
 - `rows`: work items from `narratives`, result rows for `classification_rows`;
 - `plan`: the pure planning step - skip, re-use from the journal, or ask;
-- `requests`: pacing, retries with backoff, the worker pool;
+- `requests`: pacing, retries with backoff, the dead-endpoint and refused-request rules, the
+  worker pool;
+- `stopping`: graceful stops on signals or on request (`RunInterrupted`);
 - `writer`: completed batches grouped into one DuckDB transaction per `WRITE_INTERVAL_S`;
 - `progress`, `summary`: what the run reports while and after it runs.
 """
@@ -27,6 +32,7 @@ from narr_assets.classify.plan import Plan, make_plan
 from narr_assets.classify.progress import Progress, format_duration
 from narr_assets.classify.requests import RateLimiter, Requester, backoff_delay
 from narr_assets.classify.rows import WorkItem, result_row, rows_frame, work_items
+from narr_assets.classify.stopping import RunInterrupted, StopControl
 from narr_assets.classify.summary import RunSummary
 from narr_assets.classify.writer import WRITE_INTERVAL_S, BatchWriter
 from narr_assets.vocabulary import ANSWER_ERRORS
@@ -45,7 +51,9 @@ __all__ = [
     "Progress",
     "RateLimiter",
     "Requester",
+    "RunInterrupted",
     "RunSummary",
+    "StopControl",
     "WorkItem",
     "backoff_delay",
     "classify_batches",

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from narr_assets.private import open_private, private_dir
+
 
 class PartitionBusyError(RuntimeError):
     """Another process is classifying one of the requested batches."""
@@ -22,8 +24,7 @@ class PartitionBusyError(RuntimeError):
 @contextlib.contextmanager
 def partition_locks(locks_dir: Path, experiment: str, batch_ids: list[str]) -> Iterator[None]:
     """Hold an exclusive lock on every batch of the run, or fail at once naming the holder."""
-    folder = Path(locks_dir) / experiment
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(Path(locks_dir) / experiment)
     held: list[int] = []
     try:
         for batch_id in batch_ids:
@@ -36,7 +37,7 @@ def partition_locks(locks_dir: Path, experiment: str, batch_ids: list[str]) -> I
 
 def _lock(folder: Path, experiment: str, batch_id: str) -> int:
     """The open descriptor holding `batch_id`'s lock, stamped with this process."""
-    fd = os.open(folder / f"{batch_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_private(folder / f"{batch_id}.lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -9,6 +9,8 @@ work items per batch, the journal's newest record per narrative text and `retry_
 - re-use its journalled answer: the record for this config and this text is re-parsed into a
   row (`from_journal`), so a crash, a lost batch or a parser upgrade costs no call - unless
   `retry_errors` is set and the answer parses to an answer error (`vocabulary.ANSWER_ERRORS`);
+- not send it: a narrative longer than `run.max_input_chars` gets a `rejected` row saying so
+  (a journalled answer, already paid for, is still re-used);
 - ask it: it joins the queue with the number of attempts already journalled for it, so the
   attempt count of its row keeps counting across runs.
 
@@ -25,7 +27,7 @@ from narr_assets.classify.rows import WorkItem, result_row
 from narr_assets.experiments import ExperimentConfig
 from narr_assets.journal import JournalKey
 from narr_assets.llm import RawResponse
-from narr_assets.vocabulary import ANSWER_ERRORS
+from narr_assets.vocabulary import ANSWER_ERRORS, REJECTED
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Plan:
     narratives: int = 0
     reused: int = 0
     skipped: int = 0
+    # Narratives longer than run.max_input_chars: a `rejected` row, never sent.
+    not_sent: int = 0
 
     @property
     def ready(self) -> list[str]:
@@ -73,6 +77,8 @@ def make_plan(
                 continue
             if row["from_journal"]:
                 plan.reused += 1
+            elif row["status"] == REJECTED:
+                plan.not_sent += 1
             else:
                 plan.skipped += 1
             plan.rows[batch_id].append(row)
@@ -86,20 +92,32 @@ def _known_row(
     retry_errors: bool,
     config_hash: str,
 ) -> dict[str, Any] | None:
-    """The item's row without asking (a skipped placeholder or a re-used answer), or None to ask."""
+    """The item's row without asking (skipped, re-used or not sent), or None to ask."""
     if item.is_placeholder and cfg.run.skip_placeholders:
         return result_row(cfg, item, None, attempts=0, from_journal=False, classified_at=None, config_hash=config_hash)
-    if record is None:
-        return None
-    row = result_row(
-        cfg,
-        item,
-        RawResponse.from_dict(record["response"]),
-        attempts=record.get("attempt", 1),
-        from_journal=True,
-        classified_at=record.get("at"),
-        config_hash=config_hash,
-    )
-    if retry_errors and row["status"] in ANSWER_ERRORS:
-        return None
-    return row
+    if record is not None and record.get("response") is not None:
+        row = result_row(
+            cfg,
+            item,
+            RawResponse.from_dict(record["response"]),
+            attempts=record.get("attempt", 1),
+            from_journal=True,
+            classified_at=record.get("at"),
+            config_hash=config_hash,
+        )
+        if not (retry_errors and row["status"] in ANSWER_ERRORS):
+            return row
+    limit = cfg.run.max_input_chars
+    if limit is not None and len(item.text) > limit:
+        refusal = f"not sent: {len(item.text)} characters > run.max_input_chars ({limit})"
+        attempts = record.get("attempt", 0) if record is not None else 0
+        return result_row(
+            cfg,
+            item,
+            RawResponse(content=None, rejected=refusal),
+            attempts=attempts,
+            from_journal=False,
+            classified_at=None,
+            config_hash=config_hash,
+        )
+    return None

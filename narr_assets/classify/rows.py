@@ -18,7 +18,7 @@ from narr_assets.experiments import ExperimentConfig
 from narr_assets.journal import JournalKey
 from narr_assets.llm import RawResponse
 from narr_assets.store import CLASSIFICATION_COLUMNS
-from narr_assets.vocabulary import SKIPPED
+from narr_assets.vocabulary import REJECTED, SKIPPED
 
 
 @dataclass
@@ -77,6 +77,9 @@ def result_row(
 ) -> dict[str, Any]:
     """One `classification_rows` row from a raw answer (None means skipped placeholder).
 
+    An answer that is the server's refusal of the request (`raw.rejected`) is a `rejected`
+    row whose `error` is the refusal; nothing is parsed.
+
     `config_hash` is passed in, computed once per run: hashing the config per row would
     cost a model dump and a sha256 for every answer.
     """
@@ -95,6 +98,9 @@ def result_row(
     }
     if raw is None:
         row.update(status=SKIPPED, error="placeholder narrative (run.skip_placeholders)")
+        return row
+    if raw.rejected is not None:
+        row.update(status=REJECTED, error=raw.rejected, model=raw.model, latency_s=raw.latency_s)
         return row
     parsed = parsing.parse_answer(raw.content, raw.reasoning, raw.finish_reason, raw.refusal)
     row.update(

@@ -18,6 +18,8 @@ class RunSummary:
     transient_errors: int = 0
     reused: int = 0
     skipped: int = 0
+    not_sent: int = 0  # longer than run.max_input_chars: a `rejected` row, no request
+    rejected: int = 0  # requests the server refused (HTTP 400/413/422): `rejected` rows
     written_batches: list[str] = field(default_factory=list)
     up_to_date_batches: list[str] = field(default_factory=list)
     failed_batches: dict[str, str] = field(default_factory=dict)
@@ -26,6 +28,8 @@ class RunSummary:
     completion_tokens: int = 0
     journal_corrupt_lines: int = 0
     active_seconds: float = 0.0
+    # Why the run stopped early on request (a signal, a Dagster termination), or None.
+    stopped: str | None = None
 
     @property
     def calls_per_second(self) -> float:

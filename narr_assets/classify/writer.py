@@ -86,8 +86,9 @@ class BatchWriter:
             await asyncio.to_thread(self._write_batches, frames)
             self.written.extend(frames)
         except Exception as exc:  # e.g. disk full: the transaction rolled back, old rows stay
+            lines = str(exc).strip().splitlines()  # none at all for e.g. a bare OSError()
+            cause = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
             for batch_id in frames:
                 self.failures[batch_id] = (
-                    f"writing the batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    "its previous rows are intact and its answers are journalled"
+                    f"writing the batch failed ({cause}); its previous rows are intact and its answers are journalled"
                 )

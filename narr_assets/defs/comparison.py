@@ -1,5 +1,7 @@
 """Across experiments: the leaderboard (with pairwise tests), the HTML report and the exports."""
 
+from collections.abc import Sequence
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
@@ -7,22 +9,34 @@ from narr_assets import evaluation
 from narr_assets.defs.experiment import metrics_key
 from narr_assets.defs.metadata import frame_md
 from narr_assets.defs.resources import NarrSettings
-from narr_assets.experiments import ExperimentConfig
+from narr_assets.experiments import BrokenExperiment, ExperimentConfig
 from narr_assets.exports import export_frame, write_export
-from narr_assets.report import render_report
+from narr_assets.private import private_dir, write_private_bytes
+from narr_assets.report import REPORT_COPIES, prune_report_copies, render_report
 from narr_assets.results import cross_experiment
 from narr_assets.store import Store
 
 LEADERBOARD_SHOWN = ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share")
 
 
-def build_comparison_defs(experiments: list[ExperimentConfig]) -> dg.Definitions:
-    """`leaderboard` -> `report`, and `exports`, over every experiment's metrics."""
-    metrics_keys = [metrics_key(cfg) for cfg in experiments]
+def build_comparison_defs(
+    experiments: list[ExperimentConfig], broken: Sequence[BrokenExperiment] = ()
+) -> dg.Definitions:
+    """`leaderboard` -> `report`, and `exports`, over every experiment's metrics.
 
-    @dg.asset(deps=metrics_keys, group_name="evaluation", kinds={"duckdb"})
+    Experiment files that failed to load (`broken`) are named in the leaderboard's
+    description, so the UI says why an experiment is missing from the comparison.
+    """
+    metrics_keys = [metrics_key(cfg) for cfg in experiments]
+    left_out = "".join(f"\n\nLeft out, invalid experiment file: {b.message}" for b in broken)
+
+    @dg.asset(
+        deps=metrics_keys,
+        group_name="evaluation",
+        kinds={"duckdb"},
+        description="Experiments ranked by strict F1 with intervals, coverage and pairwise tests." + left_out,
+    )
     def leaderboard(duckdb: DuckDBResource) -> dg.MaterializeResult:
-        """Experiments ranked by strict F1 with intervals, coverage and pairwise tests."""
         store = Store(duckdb)
         evals, pairwise, disagreements = cross_experiment(store, experiments)
         board = evaluation.leaderboard(evals)
@@ -41,22 +55,23 @@ def build_comparison_defs(experiments: list[ExperimentConfig]) -> dg.Definitions
     def report(
         context: dg.AssetExecutionContext, settings: NarrSettings, duckdb: DuckDBResource
     ) -> dg.MaterializeResult:
-        """One self-contained HTML report (plots, tables, disagreements) per run."""
+        """One self-contained HTML report per run, owner-only; older per-run copies are pruned."""
         # Recomputed rather than read back from the tables `leaderboard` wrote: the evaluations
         # come from the metrics assets either way, and recomputing keeps every section of the
         # report from the same moment (about a second at production size).
         evals, pairwise, disagreements = cross_experiment(Store(duckdb), experiments)
         board = evaluation.leaderboard(evals)
-        reports = settings.layout.reports
+        reports = private_dir(settings.layout.reports)
         out = reports / f"report-{context.run.run_id[:8]}.html"
         render_report(evals, board, disagreements, out, pairwise=pairwise)
-        latest = reports / "report.html"
-        latest.write_bytes(out.read_bytes())
+        latest = write_private_bytes(reports / "report.html", out.read_bytes())
+        pruned = prune_report_copies(reports, REPORT_COPIES, current=out)
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(out)),
                 "latest": dg.MetadataValue.path(str(latest)),
                 "experiments": len(evals),
+                "old_copies_deleted": len(pruned),
             }
         )
 
@@ -68,7 +83,8 @@ def build_comparison_defs(experiments: list[ExperimentConfig]) -> dg.Definitions
         for cfg in experiments:
             frame = export_frame(store, cfg.name)
             if not frame.empty:
-                written[cfg.name] = str(write_export(frame, settings.layout.exports / f"{cfg.name}.csv", "csv"))
+                path = settings.layout.exports / f"{cfg.name}.csv"
+                written[cfg.name] = str(write_export(frame, path, "csv", tighten_folder=True))
         return dg.MaterializeResult(metadata={"files": dg.MetadataValue.json(written)})
 
     return dg.Definitions(assets=[leaderboard, report, exports])

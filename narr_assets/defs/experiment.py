@@ -12,7 +12,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from narr_assets import evaluation, quality
-from narr_assets.classify import ClassificationFailed, PartitionBusyError, classify_batches
+from narr_assets.classify import ClassificationFailed, PartitionBusyError, RunInterrupted, classify_batches
 from narr_assets.defs.ingest import batch_partitions, narrative_batches
 from narr_assets.defs.metadata import metrics_md, run_summary_metadata
 from narr_assets.defs.resources import NarrSettings
@@ -43,6 +43,22 @@ def metrics_key(cfg: ExperimentConfig) -> dg.AssetKey:
 
 def _model(cfg: ExperimentConfig) -> str:
     return cfg.model.name if cfg.backend == "openai" else "rules"
+
+
+def _termination_requested(context: dg.AssetExecutionContext) -> str | None:
+    """Why the run should stop, if someone asked: a termination from the UI or the API.
+
+    A run launched by `narr` executes in the `narr` process, which Dagster's termination cannot
+    reach (no code server to signal); it does mark the run CANCELING, or CANCELED when forced.
+    """
+    run = context.instance.get_run_by_id(context.run.run_id)
+    if run is None:
+        return None
+    if run.status == dg.DagsterRunStatus.CANCELING:
+        return "termination requested in Dagster"
+    if run.status == dg.DagsterRunStatus.CANCELED:
+        return "run marked canceled in Dagster"
+    return None
 
 
 def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
@@ -80,14 +96,24 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
                 retry_errors=config.retry_errors,
                 log=context.log.info,
                 progress_every_s=config.progress_every_s,
+                should_stop=lambda: _termination_requested(context),
             )
         except PartitionBusyError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
         except FatalError as exc:
             raise dg.Failure(f"stopped: {exc}", allow_retries=False) from None
         except ClassificationFailed as exc:
+            # When the batches failed on the database lock, logging the run meets the same lock
+            # and its one-line DatabaseLockedError (exit 75 in `narr`: retry later) is what the
+            # user sees; every answer is journalled either way.
             store.log_run(exc.summary)
             raise dg.Failure(str(exc), metadata=run_summary_metadata(exc.summary, model)) from None
+        except RunInterrupted as exc:
+            # Stopped on request with its answers journalled: say so, then let Dagster see the
+            # interruption (a KeyboardInterrupt), which cancels the run rather than failing it.
+            store.log_run(exc.summary)
+            context.log.warning(str(exc))
+            raise
         store.log_run(summary)
         return dg.MaterializeResult(metadata=run_summary_metadata(summary, model))
 
@@ -141,7 +167,7 @@ def build_checks(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) ->
         ),
         make(
             ERROR_RATE,
-            f"Parse errors, refusals and truncations stay under {max_rate:.0%} of asked rows.",
+            f"Parse errors, refusals, truncations and rejected requests stay under {max_rate:.0%} of asked rows.",
             lambda s: quality.error_rate_below(s, cfg.name, max_rate),
         ),
         make(

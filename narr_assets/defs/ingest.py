@@ -3,15 +3,22 @@
 Graph: source_file (observable) -> raw_narratives -> narratives -> narrative_batches.
 `narrative_batches` registers one dynamic partition per batch of the ledger; every
 experiment's classifications are partitioned by `batch_partitions`.
+
+A source the library refuses (unreadable, no narrative, or a mass removal not allowed in the
+`raw_narratives` run config) fails its step with the library's one-line message and leaves
+every table as it was.
 """
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
 from narr_assets import quality
 from narr_assets.corpus import build_narratives, ingest_raw
 from narr_assets.defs.metadata import counts_md
 from narr_assets.defs.resources import NarrSettings
+from narr_assets.ingest import IngestError
+from narr_assets.narratives import CHANGE_COUNTS
 from narr_assets.store import Store
 
 BATCH_PARTITIONS = "narrative_batches"
@@ -36,10 +43,33 @@ def source_file(settings: NarrSettings) -> dg.ObserveResult:
     )
 
 
+class IngestConfig(dg.Config):
+    """Run options for `raw_narratives`."""
+
+    allow_mass_removal: bool = Field(
+        default=False,
+        description="Ingest a source file that removes more than half of the stored narratives "
+        "(their results are kept and flagged in removed_narratives).",
+    )
+
+
 @dg.asset(deps=[source_file], group_name="ingest", kinds={"duckdb"})
-def raw_narratives(settings: NarrSettings, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def raw_narratives(
+    context: dg.AssetExecutionContext, config: IngestConfig, settings: NarrSettings, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
     """Every row of the source sheet in long form, with provenance (file, row, checksum)."""
-    load = ingest_raw(Store(duckdb), settings.source_path, settings.sheet)
+    try:
+        read = ingest_raw(
+            Store(duckdb),
+            settings.source_path,
+            settings.sheet,
+            allow_mass_removal=config.allow_mass_removal,
+            locks_dir=settings.layout.locks,
+            log=context.log.info,
+        )
+    except IngestError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from None
+    load = read.load
     return dg.MaterializeResult(
         data_version=dg.DataVersion(load.checksum),
         metadata={
@@ -49,18 +79,35 @@ def raw_narratives(settings: NarrSettings, duckdb: DuckDBResource) -> dg.Materia
             "long_rows": len(load.frame),
             "data_checksum": load.checksum,
             "attribute_columns": ", ".join(load.attribute_columns) or "none",
+            **read.changes,
+            "changes": counts_md(read.changes),
         },
     )
 
 
 @dg.asset(deps=[raw_narratives], group_name="ingest", kinds={"duckdb"})
-def narratives(settings: NarrSettings, duckdb: DuckDBResource) -> dg.MaterializeResult:
+def narratives(
+    context: dg.AssetExecutionContext, settings: NarrSettings, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
     """One row per (incident_id, narrative_type): deduplicated, placeholder-flagged, batched."""
     # Partitions are registered by `narrative_batches` alone (it registers every batch the
     # instance lacks), so there is one place that keeps Dagster in step with the ledger.
-    result, new_batches = build_narratives(Store(duckdb), batch_size=settings.batch_size)
+    try:
+        result, new_batches = build_narratives(
+            Store(duckdb), batch_size=settings.batch_size, locks_dir=settings.layout.locks, log=context.log.info
+        )
+    except IngestError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from None
     stats = {k: int(v) for k, v in result.stats.items()}
-    return dg.MaterializeResult(metadata={**stats, "new_batches": len(new_batches), "counts": counts_md(stats)})
+    changes = {k: stats[k] for k in CHANGE_COUNTS}
+    return dg.MaterializeResult(
+        metadata={
+            **stats,
+            "new_batches": len(new_batches),
+            "counts": counts_md({k: v for k, v in stats.items() if k not in changes}),
+            "changes": counts_md(changes),
+        }
+    )
 
 
 @dg.asset(deps=[narratives], group_name="ingest", kinds={"duckdb"})

@@ -21,8 +21,13 @@ exclusive and tested in this fixed order on the one draw: ``rate_limit``,
 later ones are starved).
 
 Per chat request the checks run in this order: down window (connection closed),
-``api_key`` (401), body and user message (400), ``models`` (404),
-``fail_first_n`` (500), then the random draw. ``latency_s`` + jitter is slept
+``api_key`` (401), body and user message (400), ``models`` (404), ``reject_param``
+(400, every request carrying that body field), ``max_prompt_chars`` (400
+``context_length_exceeded``, per request), ``reject_text`` (400 ``content_filter``, per
+narrative), ``fail_first_n`` (500), then the random draw. With ``echo_key`` every error
+message of a chat request repeats the request's ``Authorization`` header (a careless
+server leaking the key back); with ``echo_input`` the two per-request refusals answer 422
+in FastAPI's validation shape, quoting the user message as ``input`` (as vLLM does). ``latency_s`` + jitter is slept
 for every request that gets past the checks, faulted or not. A
 ``max_tokens``/``max_completion_tokens`` smaller than the answer cuts it with
 ``finish_reason="length"``, like a real server.
@@ -103,6 +108,9 @@ OUTCOMES: tuple[str, ...] = (
     "unauthorized",
     "not_found",
     "bad_request",
+    "bad_param",
+    "too_long",
+    "filtered",
 )
 ANSWER_STYLES: tuple[str, ...] = ("json", "fenced", "prose", "harmony")
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
@@ -125,7 +133,7 @@ _RATE_FIELDS = (
 # Outcome name for each rate, in the order the single draw is tested.
 _RATE_OUTCOMES = dict(zip(_RATE_FIELDS, ("rate_limited", *_RATE_FIELDS[1:]), strict=True))
 _SECONDS_FIELDS = ("latency_s", "jitter_s", "retry_after_s", "hang_s")
-_COUNT_FIELDS = ("fail_first_n", "seed")
+_COUNT_FIELDS = ("fail_first_n", "seed", "max_prompt_chars")
 _MAX_BODY_BYTES = 16 * 1024 * 1024
 _HEADER_LIMIT = 64 * 1024
 
@@ -154,6 +162,15 @@ class FaultConfig:
             those that pass the down/auth/body/model checks) get a 500.
         models: Accepted model names; empty accepts any. Unknown names get 404.
         api_key: If set, requests to ``/v1/*`` need ``Authorization: Bearer <api_key>``.
+        echo_key: Error messages of chat requests repeat the ``Authorization`` header sent.
+        reject_param: Every chat request whose body has this top-level field gets a 400
+            ``Unrecognized request argument supplied: <field>`` (e.g. ``response_format``).
+        max_prompt_chars: A chat request whose messages hold more characters than this gets
+            a 400 ``context_length_exceeded`` (0: no limit).
+        reject_text: A narrative containing this text (case-insensitive) gets a 400
+            ``content_filter``.
+        echo_input: The ``max_prompt_chars`` and ``reject_text`` refusals are 422s in
+            FastAPI's validation-error shape, quoting the whole user message.
         answer_style: One of :data:`ANSWER_STYLES`.
         include_reasoning: Add :data:`REASONING_TEXT` as ``reasoning`` and
             ``reasoning_content`` to normal answers.
@@ -176,6 +193,11 @@ class FaultConfig:
     fail_first_n: int = 0
     models: tuple[str, ...] = ()
     api_key: str | None = None
+    echo_key: bool = False
+    reject_param: str | None = None
+    max_prompt_chars: int = 0
+    reject_text: str | None = None
+    echo_input: bool = False
     answer_style: str = "json"
     include_reasoning: bool = False
     seed: int = 0
@@ -220,17 +242,17 @@ def _validate_field(key: str, value: Any) -> Any:
         if not all(isinstance(name, str) and name for name in names):
             raise ValueError("fault config 'models' must contain non-empty strings")
         return names
-    if key == "api_key":
+    if key in ("api_key", "reject_param", "reject_text"):
         if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError("fault config 'api_key' must be a non-empty string or null")
+            raise ValueError(f"fault config {key!r} must be a non-empty string or null")
         return value
     if key == "answer_style":
         if value not in ANSWER_STYLES:
             raise ValueError(f"fault config 'answer_style' must be one of {ANSWER_STYLES}, got {value!r}")
         return value
-    if key == "include_reasoning":
+    if key in ("include_reasoning", "echo_key", "echo_input"):
         if not isinstance(value, bool):
-            raise ValueError(f"fault config 'include_reasoning' must be a boolean, got {value!r}")
+            raise ValueError(f"fault config {key!r} must be a boolean, got {value!r}")
         return value
     raise ValueError(f"unknown fault config key {key!r}")  # pragma: no cover - guarded by merged()
 
@@ -384,6 +406,14 @@ def render_answer(answer: Mapping[str, Any], style: str) -> str:
     raise ValueError(f"unknown answer style {style!r}; expected one of {ANSWER_STYLES}")
 
 
+def _prompt_chars(request: Mapping[str, Any]) -> int:
+    """Characters of every message's content (the server's stand-in for prompt tokens x 4)."""
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    return sum(len(_content_text(m.get("content"))) for m in messages if isinstance(m, dict))
+
+
 def _error_body(message: str, err_type: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": err_type, "param": None, "code": code}}).encode()
 
@@ -449,6 +479,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Payload Too Large",
+    422: "Unprocessable Entity",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
@@ -478,8 +509,9 @@ def _http_bytes(reply: _Reply, close: bool) -> bytes:
     return head.encode("latin-1") + reply.body
 
 
-def _unauthorized() -> _Reply:
-    return _Reply(401, _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+def _unauthorized(echo: str | None = None) -> _Reply:
+    message = "Incorrect API key provided." if echo is None else f"Incorrect API key provided: {echo}."
+    return _Reply(401, _error_body(message, "invalid_request_error", "invalid_api_key"))
 
 
 def _json_reply(status: int, payload: Any) -> _Reply:
@@ -788,18 +820,11 @@ class FakeOpenAIServer:
         if time.monotonic() < self._down_until:
             stats.by_outcome["down"] += 1
             return None
-        if not self._authorized(headers):
-            stats.by_outcome["unauthorized"] += 1
-            return _unauthorized()
-        if not isinstance(request, dict) or narrative is None or key is None:
-            stats.by_outcome["bad_request"] += 1
-            return _Reply(400, _error_body("body must be JSON with a user message", "invalid_request_error", None))
-        model = request.get("model")
-        if not isinstance(model, str) or (cfg.models and model not in cfg.models):
-            stats.by_outcome["not_found"] += 1
-            message = f"The model `{model}` does not exist or you do not have access to it."
-            return _Reply(404, _error_body(message, "invalid_request_error", "model_not_found"))
-        stats.by_model[model] = stats.by_model.get(model, 0) + 1
+        invalid = self._invalid(headers, request, narrative)
+        if invalid is not None:
+            return invalid
+        assert isinstance(request, dict) and narrative is not None and key is not None  # checked by _invalid
+        model = request["model"]
 
         seen = self._valid_by_text.get(key, 0)
         self._valid_by_text[key] = seen + 1
@@ -836,6 +861,65 @@ class FakeOpenAIServer:
             await asyncio.sleep(cfg.hang_s)
         return self._completion(request, model, narrative, key, outcome, cfg)
 
+    def _invalid(self, headers: dict[str, str], request: Any, narrative: str | None) -> _Reply | None:
+        """The refusal of a chat request that passed the down window, if it gets one before the draw."""
+        cfg, stats = self.config, self.stats
+        echo = f" [Authorization: {headers.get('authorization', '')}]" if cfg.echo_key else ""
+        if not self._authorized(headers):
+            stats.by_outcome["unauthorized"] += 1
+            return _unauthorized(headers.get("authorization", "") if cfg.echo_key else None)
+        if not isinstance(request, dict) or narrative is None:
+            stats.by_outcome["bad_request"] += 1
+            message = "body must be JSON with a user message" + echo
+            return _Reply(400, _error_body(message, "invalid_request_error", None))
+        model = request.get("model")
+        if not isinstance(model, str) or (cfg.models and model not in cfg.models):
+            stats.by_outcome["not_found"] += 1
+            message = f"The model `{model}` does not exist or you do not have access to it.{echo}"
+            return _Reply(404, _error_body(message, "invalid_request_error", "model_not_found"))
+        stats.by_model[model] = stats.by_model.get(model, 0) + 1
+        return self._refusal(request, narrative, echo)
+
+    def _refusal(self, request: dict[str, Any], narrative: str, echo: str) -> _Reply | None:
+        """The 400 of ``reject_param``, ``max_prompt_chars`` or ``reject_text``, if one applies."""
+        cfg, stats = self.config, self.stats
+        if cfg.reject_param is not None and cfg.reject_param in request:
+            stats.by_outcome["bad_param"] += 1
+            message = f"Unrecognized request argument supplied: {cfg.reject_param}{echo}"
+            return _Reply(400, _error_body(message, "invalid_request_error", None))
+        prompt_chars = _prompt_chars(request)
+        if cfg.max_prompt_chars and prompt_chars > cfg.max_prompt_chars:
+            stats.by_outcome["too_long"] += 1
+            message = (
+                f"This model's maximum context length is {cfg.max_prompt_chars // 4} tokens. However, your "
+                f"messages resulted in {prompt_chars // 4} tokens. Please reduce the length of the messages.{echo}"
+            )
+            return self._refused(request, message, "context_length_exceeded")
+        if cfg.reject_text is not None and cfg.reject_text.lower() in narrative.lower():
+            stats.by_outcome["filtered"] += 1
+            message = (
+                "The prompt was filtered due to triggering the content management policy. "
+                f"Please modify your prompt and retry.{echo}"
+            )
+            return self._refused(request, message, "content_filter")
+        return None
+
+    def _refused(self, request: dict[str, Any], message: str, code: str) -> _Reply:
+        """A per-request refusal: OpenAI's error shape, or FastAPI's quoting the input (``echo_input``)."""
+        if not self.config.echo_input:
+            return _Reply(400, _error_body(message, "invalid_request_error", code))
+        messages = request.get("messages") or []
+        user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {"content": ""})
+        detail = [
+            {
+                "type": "value_error",
+                "loc": ["body", "messages", len(messages) - 1, "content"],
+                "msg": f"Value error, {message}",
+                "input": _content_text(user.get("content")),
+            }
+        ]
+        return _Reply(422, json.dumps({"detail": detail}).encode())
+
     def _completion(
         self, request: dict[str, Any], model: str, narrative: str, key: str, outcome: str, cfg: FaultConfig
     ) -> _Reply:
@@ -853,12 +937,7 @@ class FakeOpenAIServer:
             # Like a real server, stop generating at the token budget.
             content, finish = content[: max_tokens * 4], "length"
 
-        prompt_chars = sum(
-            len(_content_text(message.get("content")))
-            for message in request.get("messages", [])
-            if isinstance(message, dict)
-        )
-        prompt_tokens = prompt_chars // 4
+        prompt_tokens = _prompt_chars(request) // 4
         reasoning_tokens = len(reasoning) // 4 if reasoning else 0
         completion_tokens = len(content) // 4 + reasoning_tokens
         message: dict[str, Any] = {"role": "assistant", "content": content}
