@@ -228,3 +228,41 @@ def test_leaderboard_tables_forget_a_removed_experiment(project, server):
         assert list(store.query_df("SELECT experiment FROM leaderboard")["experiment"]) == ["alpha"]
         assert int(store.query_df("SELECT count(*) AS n FROM pairwise_comparisons")["n"].iloc[0]) == 0
         assert list(store.query_df("SELECT DISTINCT experiment FROM disagreements")["experiment"]) == ["alpha"]
+
+
+def test_partial_failure_is_recorded_per_partition_and_checked(project, server):
+    """A run in which one batch fails for good: Dagster shows exactly what DuckDB holds."""
+    source = write_long_csv(project / "input.csv", 30)  # 60 narratives, 3 batches of 20
+    write_experiment(project / "experiments", "llm", server.base_url, retries=1)
+    defs = build_definitions(settings=project_settings(project, source, batch_size=20))
+    key = dg.AssetKey(["llm", "classifications"])
+    store = Store(settings.db_path())
+    with dg.instance_for_test() as instance:
+        assert materialize(defs, instance, INGEST).success
+        parts = instance.get_dynamic_partitions("narrative_batches")
+        server.configure(fail_text="Case 7-cme.")  # one narrative fails whatever the retries
+        result = materialize(defs, instance, [key], (parts[0], parts[-1]))
+        assert not result.success
+        written = set(store.query_df("SELECT DISTINCT batch_id FROM classification_rows")["batch_id"])
+        assert len(written) == 2  # the other two batches are in DuckDB
+        status = instance.get_status_by_partition(key, parts, defs.get_assets_def(key).partitions_def)
+        shown = {p for p, s in status.items() if s == dg.AssetPartitionStatus.MATERIALIZED}
+        failed = {p for p, s in status.items() if s == dg.AssetPartitionStatus.FAILED}
+        assert shown == written and failed == set(parts) - written
+        # The checks ran on what was written, though the step failed.
+        checks = instance.get_event_records(
+            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION), limit=20
+        )
+        evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in checks]
+        evaluated = {e.check_name for e in evaluations if e.asset_key == key and e.passed}
+        assert evaluated == {"one_row_per_narrative", "error_rate_below_threshold", "confidence_in_range"}
+
+        # Resume: only the failed partition runs, and only its failed narrative is asked (the
+        # other 19 answers are journalled); Dagster then shows all three materialised.
+        server.configure(fail_text=None)
+        server.reset()
+        failed_key = next(iter(failed))
+        assert materialize(defs, instance, [key], (failed_key, failed_key)).success
+        assert server.stats()["completions_ok"] == 1
+        status = instance.get_status_by_partition(key, parts, defs.get_assets_def(key).partitions_def)
+        assert set(status.values()) == {dg.AssetPartitionStatus.MATERIALIZED}

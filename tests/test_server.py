@@ -405,6 +405,16 @@ def test_fail_first_n_and_text_counters(srv: ServerHandle, client: OpenAI) -> No
         chat(client, POSITIVE)  # reset restarts the fail_first_n count
 
 
+def test_fail_text_fails_every_request_for_matching_narratives(srv: ServerHandle, client: OpenAI) -> None:
+    srv.configure(fail_text="HUSBAND")  # case-insensitive; only POSITIVE mentions a husband
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            chat(client, POSITIVE)
+    chat(client, NEGATIVE)
+    stats = srv.stats()
+    assert stats["by_outcome"]["fail_text"] == 3 and stats["ok_by_text"] == {narrative_key(NEGATIVE): 1}
+
+
 def test_same_seed_same_fault_sequence(srv: ServerHandle, client: OpenAI) -> None:
     def run() -> list[str]:
         outcomes = []

@@ -12,7 +12,13 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from narr_assets import evaluation, quality
-from narr_assets.classify import ClassificationFailed, PartitionBusyError, RunInterrupted, classify_batches
+from narr_assets.classify import (
+    ClassificationFailed,
+    PartitionBusyError,
+    RunInterrupted,
+    RunSummary,
+    classify_batches,
+)
 from narr_assets.defs.ingest import batch_partitions, narrative_batches
 from narr_assets.defs.metadata import metrics_md, run_summary_metadata
 from narr_assets.defs.resources import NarrSettings
@@ -107,11 +113,13 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             # and its one-line DatabaseLockedError (exit 75 in `narr`: retry later) is what the
             # user sees; every answer is journalled either way.
             store.log_run(exc.summary)
+            record_complete_partitions(context, store, exc.summary, check_rules(cfg))
             raise dg.Failure(str(exc), metadata=run_summary_metadata(exc.summary, model)) from None
         except RunInterrupted as exc:
             # Stopped on request with its answers journalled: say so, then let Dagster see the
             # interruption (a KeyboardInterrupt), which cancels the run rather than failing it.
             store.log_run(exc.summary)
+            record_complete_partitions(context, store, exc.summary, check_rules(cfg))
             context.log.warning(str(exc))
             raise
         store.log_run(summary)
@@ -147,10 +155,35 @@ def build_metrics(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -
     return metrics
 
 
+Rule = Callable[[Store], tuple[bool, dict]]
+
+
+def check_rules(cfg: ExperimentConfig) -> list[tuple[str, str, Rule]]:
+    """(name, description, rule) of each check on the experiment's classifications."""
+    max_rate = cfg.run.max_error_rate
+    return [
+        (
+            ONE_ROW_PER_NARRATIVE,
+            "Every narrative of a classified batch has exactly one current row.",
+            lambda s: quality.one_row_per_narrative(s, cfg.name),
+        ),
+        (
+            ERROR_RATE,
+            f"Parse errors, refusals, truncations and rejected requests stay under {max_rate:.0%} of asked rows.",
+            lambda s: quality.error_rate_below(s, cfg.name, max_rate),
+        ),
+        (
+            CONFIDENCE_RANGE,
+            "Every confidence is within [0, 1].",
+            lambda s: quality.confidences_in_range(s, cfg.name),
+        ),
+    ]
+
+
 def build_checks(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -> list[dg.AssetChecksDefinition]:
     """Checks over all written partitions of one experiment's classifications."""
 
-    def make(name: str, description: str, rule: Callable[[Store], tuple[bool, dict]]) -> dg.AssetChecksDefinition:
+    def make(name: str, description: str, rule: Rule) -> dg.AssetChecksDefinition:
         @dg.asset_check(asset=classifications, name=name, description=description)
         def _check(duckdb: DuckDBResource) -> dg.AssetCheckResult:
             passed, metadata = rule(Store(duckdb))
@@ -158,24 +191,39 @@ def build_checks(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) ->
 
         return _check
 
-    max_rate = cfg.run.max_error_rate
-    return [
-        make(
-            ONE_ROW_PER_NARRATIVE,
-            "Every narrative of a classified batch has exactly one current row.",
-            lambda s: quality.one_row_per_narrative(s, cfg.name),
-        ),
-        make(
-            ERROR_RATE,
-            f"Parse errors, refusals, truncations and rejected requests stay under {max_rate:.0%} of asked rows.",
-            lambda s: quality.error_rate_below(s, cfg.name, max_rate),
-        ),
-        make(
-            CONFIDENCE_RANGE,
-            "Every confidence is within [0, 1].",
-            lambda s: quality.confidences_in_range(s, cfg.name),
-        ),
-    ]
+    return [make(name, description, rule) for name, description, rule in check_rules(cfg)]
+
+
+def record_complete_partitions(
+    context: dg.AssetExecutionContext, store: Store, summary: RunSummary, rules: list[tuple[str, str, Rule]]
+) -> None:
+    """Record, partition by partition, what a failed or stopped run leaves complete in DuckDB.
+
+    Dagster 1.13 cannot yield per-partition results from a single-run step (dagster-io/dagster
+    issues 17836 and 21072): when the step fails, every partition of the run reads FAILED,
+    the written ones included, and the checks are skipped. So before failing, each batch that
+    is complete (written by this run, or already up to date) is reported as a materialization
+    of its partition, stamped with the experiment's config hash as its code version, and the
+    checks are evaluated on what was written. Dagster then shows exactly those partitions
+    materialised and the others failed. On full success the step returns as usual instead.
+    """
+    complete = sorted(set(summary.written_batches) | set(summary.up_to_date_batches))
+    for partition in complete:
+        context.instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=partition,
+                metadata={"recorded_by_run": context.run_id, "config_hash": summary.config_hash},
+                tags={"dagster/code_version": summary.config_hash},
+            )
+        )
+    if not complete:
+        return
+    for name, _description, rule in rules:
+        passed, metadata = rule(store)
+        context.instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=context.asset_key, check_name=name, passed=passed, metadata=metadata)
+        )
 
 
 def build_experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:

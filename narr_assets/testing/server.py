@@ -101,6 +101,7 @@ OUTCOMES: tuple[str, ...] = (
     "rate_limited",
     "server_error",
     "fail_first",
+    "fail_text",
     "hang",
     "drop",
     "malformed",
@@ -169,6 +170,8 @@ class FaultConfig:
             a 400 ``context_length_exceeded`` (0: no limit).
         reject_text: A narrative containing this text (case-insensitive) gets a 400
             ``content_filter``.
+        fail_text: A narrative containing this text (case-insensitive) gets a 500 on every
+            request (a failure that outlasts any number of retries).
         echo_input: The ``max_prompt_chars`` and ``reject_text`` refusals are 422s in
             FastAPI's validation-error shape, quoting the whole user message.
         answer_style: One of :data:`ANSWER_STYLES`.
@@ -197,6 +200,7 @@ class FaultConfig:
     reject_param: str | None = None
     max_prompt_chars: int = 0
     reject_text: str | None = None
+    fail_text: str | None = None
     echo_input: bool = False
     answer_style: str = "json"
     include_reasoning: bool = False
@@ -242,7 +246,7 @@ def _validate_field(key: str, value: Any) -> Any:
         if not all(isinstance(name, str) and name for name in names):
             raise ValueError("fault config 'models' must contain non-empty strings")
         return names
-    if key in ("api_key", "reject_param", "reject_text"):
+    if key in ("api_key", "reject_param", "reject_text", "fail_text"):
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"fault config {key!r} must be a non-empty string or null")
         return value
@@ -832,6 +836,8 @@ class FakeOpenAIServer:
         delay = cfg.latency_s + (self._rng.uniform(0.0, cfg.jitter_s) if cfg.jitter_s > 0 else 0.0)
         if seen < cfg.fail_first_n:
             outcome = "fail_first"
+        elif cfg.fail_text is not None and cfg.fail_text.lower() in narrative.lower():
+            outcome = "fail_text"
         else:
             outcome = "ok"
             threshold = 0.0
@@ -854,7 +860,7 @@ class FakeOpenAIServer:
                 _error_body("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
                 (("Retry-After", retry),),
             )
-        if outcome in ("server_error", "fail_first"):
+        if outcome in ("server_error", "fail_first", "fail_text"):
             return _Reply(500, _error_body("The server had an error processing your request.", "server_error", None))
         if outcome == "hang":
             # Answered normally afterwards, unless the client has gone (checked before writing).
