@@ -162,21 +162,25 @@ class Runner:
                 error = event.step_failure_data.error
                 print(f"narr: {label}: {failure_message(error)}", file=sys.stderr)
                 printed = True
-                self.interrupted = self.interrupted or _root_cls(error) in _INTERRUPTIONS
+                self.interrupted = self.interrupted or _raised(error).cls_name in _INTERRUPTIONS
         for event in events:
             if event.is_run_failure and not printed:
                 error = getattr(event.event_specific_data, "error", None)
                 print(f"narr: run failed: {failure_message(error) if error else event.message}", file=sys.stderr)
 
 
-def _root_cls(error) -> str | None:
-    """The class name of the error an asset raised, under Dagster's wrappers."""
+def _raised(error):
+    """The error an asset raised, under Dagster's wrappers (a `SerializableErrorInfo`).
+
+    Any exception other than a `dg.Failure` is wrapped by Dagster in a
+    `DagsterExecutionStepExecutionError` whose cause is the real error.
+    """
     while error.cause is not None and error.cls_name in (
         "DagsterExecutionStepExecutionError",
         "DagsterUserCodeExecutionError",
     ):
         error = error.cause
-    return error.cls_name
+    return error
 
 
 def _label(key) -> str:
@@ -191,16 +195,8 @@ _INTERRUPTIONS = {"RunInterrupted", "KeyboardInterrupt", "DagsterExecutionInterr
 
 
 def failure_message(error) -> str:
-    """One line from a Dagster `SerializableErrorInfo`: the asset's own error, not the wrapper.
-
-    A `dg.Failure` gives its description; any other exception raised by an asset is wrapped
-    by Dagster in a `DagsterExecutionStepExecutionError` whose cause is the real error.
-    """
-    while error.cause is not None and error.cls_name in (
-        "DagsterExecutionStepExecutionError",
-        "DagsterUserCodeExecutionError",
-    ):
-        error = error.cause
+    """One line from a Dagster `SerializableErrorInfo`: the asset's own error, not the wrapper."""
+    error = _raised(error)
     text = " ".join(error.message.split())
     qualified, sep, rest = text.partition(": ")
     if sep and (qualified == error.cls_name or qualified.endswith("." + str(error.cls_name))):

@@ -55,8 +55,15 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_long_csv(path: Path, n_incidents: int, placeholders: int = 0) -> Path:
-    """A long-layout CSV with alternating positive/negative narratives over both types."""
+def write_long_csv(
+    path: Path, n_incidents: int, placeholders: int = 0, special: dict[tuple[int, str], str] | None = None
+) -> Path:
+    """A long-layout CSV with alternating positive/negative narratives over both types.
+
+    The first `placeholders` incidents get a placeholder LE narrative; `special` replaces the
+    texts of some (incident index, type) pairs.
+    """
+    special = special or {}
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["incident_id", "narrative_type", "narrative_text", "manual_flag_ind"])
@@ -66,6 +73,7 @@ def write_long_csv(path: Path, n_incidents: int, placeholders: int = 0) -> Path:
                 text = (POSITIVE if positive else NEGATIVE) + f" Case {i}-{t}."
                 if i < placeholders and t == "le":
                     text = "Need LE report."
+                text = special.get((i, t), text)
                 writer.writerow([f"{1000 + i}", t, text, int(positive)])
     return path
 

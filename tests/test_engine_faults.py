@@ -6,7 +6,6 @@ graceful-stop scenarios run it in a real subprocess that receives a real signal.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NEGATIVE, POSITIVE, write_experiment
+from conftest import NEGATIVE, POSITIVE, write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, classify_batches
@@ -41,24 +40,10 @@ SECRET = "sk-live-4f9a2c7e1b3d5f6a8c0e2b4d6f8a0c1e"
 HUGE = " ".join([NEGATIVE] * (1_000_000 // (len(NEGATIVE) + 1)))
 
 
-def write_csv(path: Path, n_incidents: int, special: dict[tuple[int, str], str] | None = None) -> Path:
-    """A long-layout CSV of `n_incidents` x (cme, le); `special` replaces some texts."""
-    special = special or {}
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["incident_id", "narrative_type", "narrative_text", "manual_flag_ind"])
-        for i in range(n_incidents):
-            for t in ("cme", "le"):
-                positive = (i + (t == "le")) % 4 == 0
-                text = special.get((i, t), (POSITIVE if positive else NEGATIVE) + f" Case {i}-{t}.")
-                writer.writerow([f"{1000 + i}", t, text, int(positive)])
-    return path
-
-
 def ingest(project: Path, n_incidents: int, batch_size: int = 10, **special: str) -> tuple[Store, list[str]]:
     texts = {(int(k.split("_")[0]), k.split("_")[1]): v for k, v in special.items()}
     store = Store(settings.db_path())
-    ingest_raw(store, write_csv(project / "in.csv", n_incidents, texts))
+    ingest_raw(store, write_long_csv(project / "in.csv", n_incidents, special=texts))
     return store, build_narratives(store, batch_size=batch_size)[1]
 
 
@@ -491,7 +476,7 @@ def test_terminating_a_dagster_run_stops_it_gracefully(project, server, how):
     """
     import dagster as dg
 
-    source = write_csv(project / "in.csv", 100)  # 200 narratives, 10 batches of 20
+    source = write_long_csv(project / "in.csv", 100)  # 200 narratives, 10 batches of 20
     dagster_ingest(project, source)
     server.configure(latency_s=0.3)
     cfg = experiment(project, server.base_url, concurrency=8, timeout=10)
@@ -548,7 +533,7 @@ def test_an_echoed_key_reaches_no_dagster_event_or_file(project, server, monkeyp
     from narr_assets.defs.resources import NarrSettings
 
     monkeypatch.setenv("NARR_TEST_KEY", SECRET)
-    source = write_csv(project / "in.csv", 10)
+    source = write_long_csv(project / "in.csv", 10)
     server.configure(api_key="the-right-key", echo_key=True)
     experiment(project, server.base_url, key_env="NARR_TEST_KEY")
     defs = build_definitions(settings=NarrSettings(source=str(source), data_dir=str(project), batch_size=10))
@@ -577,7 +562,7 @@ def test_an_echoed_key_reaches_no_dagster_event_or_file(project, server, monkeyp
 @pytest.mark.slow
 def test_narr_run_prints_no_echoed_key(project, server):
     """`narr run` against a server whose 401 repeats the bearer token: stdout, stderr, files."""
-    source = write_csv(project / "in.csv", 10)
+    source = write_long_csv(project / "in.csv", 10)
     server.configure(api_key="the-right-key", echo_key=True)
     experiment(project, server.base_url, key_env="NARR_TEST_KEY")
     env = {**os.environ, "NARR_SOURCE": str(source), "NARR_TEST_KEY": SECRET}
@@ -601,7 +586,7 @@ def test_narr_run_interrupted_by_a_signal_pays_nothing_twice(project, server, si
 
     The engine's guarantees, and `narr`'s exit: one line, exit code 130, no traceback.
     """
-    source = write_csv(project / "in.csv", 100)  # 200 narratives
+    source = write_long_csv(project / "in.csv", 100)  # 200 narratives
     server.configure(latency_s=0.3)
     cfg = experiment(project, server.base_url, concurrency=8, timeout=10)
     env = {**os.environ, "NARR_SOURCE": str(source), "NARR_BATCH_SIZE": "20"}
