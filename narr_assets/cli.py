@@ -42,13 +42,12 @@ _debug = False
 
 
 def _ensure_dagster_home() -> Path:
+    from narr_assets.dagster_home import ensure_dagster_yaml
+
     home = _dagster_home()
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        # Restricted-use data: nothing about runs leaves the machine unless a user opts in;
-        # and no sign-up pop-up over the UI of an offline machine.
-        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    # Telemetry off, endpoint pools limited (see the module); a file of the user's is kept.
+    ensure_dagster_yaml(home)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -97,6 +96,32 @@ class Runner:
         self.assets = [a for a in self.defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
         self.checks = list(self.defs.asset_checks or [])
         self.fail_orphaned_runs()
+        self.ensure_pools()
+
+    def ensure_pools(self) -> None:
+        """Limit each endpoint pool to one step, and free the slots runs that died still hold.
+
+        Runs after `fail_orphaned_runs`, which marks the runs of dead narr processes failed:
+        their slots are freed here, so a killed run never blocks its endpoint for good.
+        """
+        from narr_assets.defs.pools import ensure_pool_limits, free_slots_of_ended_runs, patch_pool_wait, pools_of
+
+        patch_pool_wait()
+        pools = pools_of(self.assets)
+        if ensure_pool_limits(self.instance, pools) is None and pools:
+            print(
+                f"narr: warning: the Dagster instance in {_dagster_home()} cannot limit pools (its storage predates "
+                "them): overlapping runs on one endpoint are not held to one run's concurrency; run "
+                "`dagster instance migrate` with this DAGSTER_HOME to fix it",
+                file=sys.stderr,
+            )
+        host = socket.gethostname()
+
+        def still_working(run) -> bool:  # a run ended in Dagster while its narr process drains it
+            pid = run.tags.get("narr/pid")
+            return run.tags.get("narr/host") == host and bool(pid) and _alive(int(pid))
+
+        free_slots_of_ended_runs(self.instance, still_working)
 
     def op_name(self, key) -> str:
         """The op that materialises `key` (run config is keyed by op name)."""
@@ -113,6 +138,8 @@ class Runner:
             filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={"narr/launched_by": "narr-cli"})
         )
         for run in runs:
+            if run.parent_run_id:  # a re-execution from the UI: it copies narr's tags but runs in dagster dev
+                continue
             pid, host = run.tags.get("narr/pid"), run.tags.get("narr/host")
             if not pid or host != socket.gethostname() or _alive(int(pid)):
                 continue
@@ -127,29 +154,50 @@ class Runner:
     def materialize(
         self, keys: Sequence, partition_range: tuple[str, str] | None = None, run_config: dict | None = None
     ) -> bool:
+        """Materialise `keys` (and their checks) in this process, as one run of the job holding them.
+
+        The run belongs to a job of the code location (`ingest`, `experiment_<name>`, `compare`)
+        with `keys` as its asset selection, and carries the origins a run launched from the UI
+        has, so the UI names it and can re-execute it. (`execute_in_process` leaves the origins
+        empty, and "Re-execute" then fails with `CheckError: Expected non-None value`.)
+        """
+        from dagster._core.definitions.job_base import InMemoryJob
+        from dagster._core.execution.api import execute_run
+
         tags = {"narr/launched_by": "narr-cli", "narr/pid": str(os.getpid()), "narr/host": socket.gethostname()}
         if partition_range:
             tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"] = partition_range
         dg = self.dg
-        # What `dg.materialize` does, plus our console logger: without --debug it leaves out
+        job_name = self.job_for(keys)
+        # The project's definitions plus our console logger: without --debug it leaves out
         # Dagster's failure events (each prints a stack trace); narr prints one line per failure.
-        job_name = "__ephemeral_asset_job__"  # `dg.materialize`'s: the UI lists these runs by asset
-        defs = dg.Definitions(
-            jobs=[dg.define_asset_job(job_name, selection=list(keys))],
-            assets=[*self.assets, *self.checks],
-            resources=self.defs.resources,
-            loggers=None if _debug else {"console": _quiet_console_logger()},
-        )
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=self.instance,
-            tags=tags,
+        loggers = dg.Definitions(loggers=None if _debug else {"console": _quiet_console_logger()})
+        job = dg.Definitions.merge(self.defs, loggers).resolve_job_def(job_name)
+        run = self.instance.create_run_for_job(
+            job_def=job,
             # INFO, not DEBUG: progress lines stay readable in the terminal; the UI keeps all.
             run_config={**(run_config or {}), "loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            raise_on_error=False,
+            tags={**job.run_tags, **tags},
+            asset_selection=set(keys),
+            **code_location_origins(job_name),
         )
+        result = execute_run(InMemoryJob(job), run, self.instance, raise_on_error=False)
         if not result.success:
             self._print_failures(result.all_events)
         return result.success
+
+    def job_for(self, keys: Sequence) -> str:
+        """The smallest job of the project's definitions that holds every one of `keys`."""
+        graph = self.defs.resolve_asset_graph()
+        wanted = set(keys)
+        holding = sorted(
+            (len(selected), job.name)
+            for job in self.defs.jobs or []
+            if hasattr(job, "selection") and wanted <= (selected := job.selection.resolve(graph))
+        )
+        if not holding:
+            raise ValueError(f"no job of the definitions holds {', '.join(sorted(k.to_user_string() for k in wanted))}")
+        return holding[0][1]
 
     def _print_failures(self, events) -> None:
         """One line per failed step, `narr: <experiment or asset>: <message>`; else the run's."""
@@ -166,7 +214,43 @@ class Runner:
         for event in events:
             if event.is_run_failure and not printed:
                 error = getattr(event.event_specific_data, "error", None)
+                if error is not None and _raised(error).cls_name in _INTERRUPTIONS:
+                    # Stopped before any step ran (Ctrl-C while it waited for an endpoint's pool): exit 130.
+                    self.interrupted = True
+                    text = failure_message(error).removeprefix(f"{_raised(error).cls_name}: ")
+                    print(f"narr: run stopped: {text if ' ' in text else 'interrupted'}", file=sys.stderr)
+                    continue
                 print(f"narr: run failed: {failure_message(error) if error else event.message}", file=sys.stderr)
+
+
+# The code location as the README starts the UI (`dagster dev` in the project folder reads
+# `[tool.dagster]` of pyproject.toml): the UI finds a run's job for re-execution by this name.
+CODE_LOCATION = "narr_assets"
+DEFINITIONS_MODULE = "narr_assets.definitions"
+
+
+def code_location_origins(job_name: str) -> dict:
+    """The origins of a run of `job_name` launched from that code location (`remote_job_origin`, `job_code_origin`)."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    root = str(settings.PROJECT_ROOT)
+    target = LoadableTargetOrigin(
+        executable_path=sys.executable, module_name=DEFINITIONS_MODULE, working_directory=root
+    )
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(target, location_name=CODE_LOCATION)
+    repository = RemoteRepositoryOrigin(code_location_origin=location, repository_name=SINGLETON_REPOSITORY_NAME)
+    code = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs", working_directory=root)
+    return {
+        "remote_job_origin": RemoteJobOrigin(repository_origin=repository, job_name=job_name),
+        "job_code_origin": code.get_reconstructable_job(job_name).get_python_origin(),
+    }
 
 
 def _raised(error):
@@ -227,10 +311,30 @@ def _quiet_console_logger():
 
     def build(init_context):
         logger = base.logger_fn(init_context)
-        logger.addFilter(lambda record: not engine_error(record))
+        threshold = logger.level
+        # Dagster logs a step that waits for another run's endpoint (its pool's slot) at
+        # DEBUG; it is shown at INFO, so a run that seems idle says why.
+        logger.setLevel(min(threshold, logging.DEBUG))
+        for handler in logger.handlers:
+            handler.setLevel(min(handler.level, logging.DEBUG))
+        logger.addFilter(lambda record: _shown(record, threshold) and not engine_error(record))
         return logger
 
     return dg.LoggerDefinition(build, config_schema=base.config_schema, description=base.description)
+
+
+_POOL_WAIT = ("Step blocked by limit for pool ", "Step still blocked by limit for pool ")
+
+
+def _shown(record: logging.LogRecord, threshold: int) -> bool:
+    """Whether the console shows a record: at or above `threshold`, or a wait for a pool (made INFO)."""
+    if record.levelno >= threshold:
+        return True
+    meta = getattr(record, "dagster_meta", None)
+    if isinstance(meta, dict) and str(meta.get("orig_message")).startswith(_POOL_WAIT):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -277,7 +381,7 @@ def ingest_if_needed(runner: Runner, force: bool = False, allow_removal: bool = 
     `allow_removal` lets an ingest remove more than half of the stored narratives (refused
     otherwise, so a truncated file cannot silently empty the corpus).
     """
-    from narr_assets.defs.ingest import INGEST_KEYS, raw_narratives
+    from narr_assets.defs.ingest import INGEST_KEYS, raw_narratives, source_observation
 
     path = runner.settings.source_path
     current = runner.settings.source_checksum()
@@ -296,51 +400,80 @@ def ingest_if_needed(runner: Runner, force: bool = False, allow_removal: bool = 
             else ("forced" if force else "the source file changed since the last ingestion")
         )
         print(f"narr: ingesting {path} ({why})")
+        # Observe the file first, as the sensor does: `raw_narratives` then records this version
+        # as its input, and the graph shows `source_file` with the file's checksum.
+        runner.instance.report_runless_asset_event(source_observation(runner.settings, current))
         run_config = {"ops": {runner.op_name(raw_narratives.key): {"config": {"allow_mass_removal": allow_removal}}}}
         return runner.materialize(INGEST_KEYS, run_config=run_config)
 
 
 def _register_batches(runner: Runner) -> bool:
-    """Register with Dagster every batch of the database it lacks (a new `DAGSTER_HOME`)."""
+    """Make Dagster's batch partitions the database's (a new `DAGSTER_HOME`, an interrupted ingest)."""
     from narr_assets.defs.ingest import BATCH_PARTITIONS
+    from narr_assets.status import partition_keys
 
-    known = set(runner.instance.get_dynamic_partitions(BATCH_PARTITIONS))
-    if set(_store().batch_ids()) <= known:
+    registered = set(runner.instance.get_dynamic_partitions(BATCH_PARTITIONS))
+    if set(partition_keys(_store()).values()) == registered:
         return True
-    print("narr: registering the database's batches with this Dagster instance")
+    print("narr: bringing this Dagster instance's partitions in line with the database's batches")
     return runner.materialize([_key("narrative_batches")])
 
 
 def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: Sequence[str] | None = None) -> bool:
-    """Materialise the missing (and with --retry-errors, erroneous) partitions in one run."""
-    from narr_assets.status import partition_state
+    """Materialise the missing (and with --retry-errors, erroneous) partitions.
 
-    state = partition_state(_store(), cfg)
+    Batches complete in DuckDB that Dagster does not show materialised (a new instance, a
+    batch whose only change was a removed narrative) go into the same run: the step finds them
+    complete, asks nothing, and Dagster records them, so the UI and the database agree.
+    """
+    from narr_assets.defs.ingest import BATCH_PARTITIONS
+    from narr_assets.status import batch_of, partition_keys, partition_state
+
+    store = _store()
+    state, keys = partition_state(store, cfg), partition_keys(store)
+    registered = runner.instance.get_dynamic_partitions(BATCH_PARTITIONS)
     key = _key(cfg.name, "classifications")
     run_config = {"ops": {runner.op_name(key): {"config": {"retry_errors": retry_errors, "progress_every_s": 5.0}}}}
     if partitions:
         # Exactly these partitions: one run per contiguous stretch, so no run touches (or
         # locks) a batch that was not asked for - other processes may be working on those.
-        known = set(state.table["batch_id"])
-        unknown = sorted(set(partitions) - known)
+        # A batch id (`b00005`) names its current key; a key of an older content version is refused.
+        unknown = sorted(p for p in partitions if batch_of(p) not in keys or p not in (batch_of(p), keys[batch_of(p)]))
         if unknown:
-            raise SystemExit(f"narr: unknown partition(s) {', '.join(unknown)}; see `narr status {cfg.name}`")
+            raise SystemExit(
+                f"narr: unknown or outdated partition(s) {', '.join(unknown)}; see `narr status {cfg.name}`"
+            )
         ok = True
-        for start, end in contiguous_ranges(sorted(partitions), sorted(known)):
+        for start, end in contiguous_ranges(sorted({keys[batch_of(p)] for p in partitions}), registered):
             print(f"narr: {cfg.name}: running partitions {start} .. {end}, config {cfg.config_hash}")
             ok = runner.materialize([key], partition_range=(start, end), run_config=run_config) and ok
         return ok
-    todo = state.to_run(retry_errors)
+    unrecorded = _unrecorded(runner, key, [keys[b] for b in state.done if b in keys])
+    position = {k: i for i, k in enumerate(registered)}  # a range follows Dagster's order of keys
+    todo = sorted({keys[b] for b in state.to_run(retry_errors)} | set(unrecorded), key=position.__getitem__)
     if not todo:
         print(
             f"narr: {cfg.name}: all {len(state.done)} batch(es) are complete for config {cfg.config_hash}; "
             "nothing to do"
         )
         return True
+    note = f"; {len(unrecorded)} complete in the database, recorded in Dagster now" if unrecorded else ""
     # One run over the range spanning every batch to do keeps the endpoint busy across
     # batches; complete batches inside the range are skipped by the asset, not re-asked.
-    print(f"narr: {cfg.name}: {len(todo)} batch(es) to run ({todo[0]} .. {todo[-1]}), config {cfg.config_hash}")
+    print(f"narr: {cfg.name}: {len(todo)} batch(es) to run ({todo[0]} .. {todo[-1]}{note}), config {cfg.config_hash}")
     return runner.materialize([key], partition_range=(todo[0], todo[-1]), run_config=run_config)
+
+
+def _unrecorded(runner: Runner, asset_key, complete_keys: Sequence[str]) -> list[str]:
+    """Keys of batches complete in DuckDB that Dagster does not show materialised."""
+    import dagster as dg
+
+    from narr_assets.defs.ingest import batch_partitions
+
+    if not complete_keys:
+        return []
+    statuses = runner.instance.get_status_by_partition(asset_key, list(complete_keys), batch_partitions) or {}
+    return [k for k in complete_keys if statuses.get(k) != dg.AssetPartitionStatus.MATERIALIZED]
 
 
 def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
@@ -408,19 +541,25 @@ def _all_experiments(quiet: Sequence[str] = ()):
 
 def _print_status(configs) -> None:
     from narr_assets.classify import format_duration
-    from narr_assets.status import experiment_status
+    from narr_assets.status import experiment_status, partition_keys
 
     store = _store()
     print(f"database: {store.path}")
-    failed_by_exp = _dagster_failed_partitions(configs)
+    dagster = _dagster_partition_statuses(configs, list(partition_keys(store).values()))
     for cfg in configs:
         st = experiment_status(store, cfg)
-        failed = [b for b in failed_by_exp.get(cfg.name, []) if b in st["missing"]]
         print(
             f"\n{cfg.name} ({cfg.backend}, config {cfg.config_hash}): batches done {st['batches_done']}, "
-            f"missing {st['batches_missing']} (of which failed in Dagster {len(failed)}), "
-            f"with error rows {st['batches_with_errors']}"
+            f"missing {st['batches_missing']}, with error rows {st['batches_with_errors']}"
         )
+        if cfg.name in dagster:
+            print(f"  {_dagster_line(dagster[cfg.name], st)}")
+        if st["older_config_batches"]:
+            print(
+                f"  config changed: {st['older_config_batches']} batch(es) were classified under an older config; "
+                f"the UI shows them stale (code version is now {cfg.config_hash}) - re-run with `narr run {cfg.name}` "
+                "or Materialize > All partitions"
+            )
         by_status = ", ".join(f"{k} {v:,}" for k, v in st["by_status"].items()) or "none"
         print(f"  rows: {by_status}")
         print(f"  tokens: prompt {st['prompt_tokens']:,}, completion {st['completion_tokens']:,}")
@@ -436,18 +575,39 @@ def _print_status(configs) -> None:
         print(f"\nreport: {report}")
 
 
-def _dagster_failed_partitions(configs) -> dict[str, list[str]]:
-    import dagster as dg
+def _dagster_line(statuses: dict[str, str], st: dict) -> str:
+    """What Dagster shows for the experiment's partitions, and where it differs from the database."""
+    from narr_assets.status import batch_of
 
+    counts = {s: sum(1 for v in statuses.values() if v == s) for s in ("MATERIALIZED", "FAILED", "IN_PROGRESS")}
+    line = (
+        f"Dagster: materialized {counts['MATERIALIZED']}, failed {counts['FAILED']}, "
+        f"in progress {counts['IN_PROGRESS']}, missing {len(statuses) - sum(counts.values())} "
+        f"of {len(statuses)} partitions"
+    )
+    done = set(st["done"])
+    unrecorded = [k for k, v in statuses.items() if batch_of(k) in done and v != "MATERIALIZED"]
+    if unrecorded:
+        line += f"; {len(unrecorded)} complete here but not in Dagster (`narr run` records them, no calls)"
+    return line
+
+
+def _dagster_partition_statuses(configs, keys: list[str]) -> dict[str, dict[str, str]]:
+    """Experiment -> the database's partition keys -> Dagster's status of each.
+
+    MATERIALIZED, FAILED, IN_PROGRESS, or MISSING (never materialised, or not registered
+    with this instance yet).
+    """
     from narr_assets.defs.ingest import BATCH_PARTITIONS, batch_partitions
 
-    out: dict[str, list[str]] = {}
+    out: dict[str, dict[str, str]] = {}
     try:
         instance = _dagster_instance()
-        keys = instance.get_dynamic_partitions(BATCH_PARTITIONS)
+        registered = set(instance.get_dynamic_partitions(BATCH_PARTITIONS))
+        known = [k for k in keys if k in registered]
         for cfg in configs:
-            statuses = instance.get_status_by_partition(_key(cfg.name, "classifications"), keys, batch_partitions)
-            out[cfg.name] = [k for k, s in (statuses or {}).items() if s == dg.AssetPartitionStatus.FAILED]
+            found = instance.get_status_by_partition(_key(cfg.name, "classifications"), known, batch_partitions) or {}
+            out[cfg.name] = {k: found[k].value if found.get(k) else "MISSING" for k in keys}
     except Exception:  # status is informative only; a missing instance must not break it
         return {}
     return out

@@ -6,6 +6,8 @@ opens no database and parses no YAML; Dagster calls `defs()` when it loads the c
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from narr_assets.defs.comparison import build_comparison_defs
@@ -30,7 +32,7 @@ def build_definitions(
     broken = experiments.errors if isinstance(experiments, Experiments) else []
     return dg.Definitions.merge(
         ingest_defs(),
-        *(build_experiment_defs(cfg) for cfg in experiments),
+        *_experiment_defs(experiments),
         build_comparison_defs(experiments, broken),
         dg.Definitions(
             # Steps of one run are a chain (ingest -> batches -> classify); a process per step
@@ -42,8 +44,35 @@ def build_definitions(
     )
 
 
+def _experiment_defs(experiments: list[ExperimentConfig]) -> list[dg.Definitions]:
+    """Each experiment's definitions, without the BetaWarning `backfill_policy` prints for each.
+
+    Single-run backfills are deliberate (one work queue per run, see `experiment.py`); the
+    warning, once per experiment at every code load, says nothing a user can act on. Only
+    this warning is silenced, only while the assets are built.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Parameter `backfill_policy` of function `asset`", category=dg.BetaWarning
+        )
+        return [build_experiment_defs(cfg) for cfg in experiments]
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
+    from narr_assets.dagster_home import configured_home, ensure_dagster_yaml
+    from narr_assets.defs.pools import patch_pool_wait
+
+    patch_pool_wait()  # this location's run workers wait for an endpoint's slot without spinning
+    home, log = configured_home(), dg.get_dagster_logger("narr")
+    try:
+        if home is not None and ensure_dagster_yaml(home):
+            # Dagster read the instance's settings before loading this code: they apply from the next start.
+            log.warning(
+                "wrote %s (telemetry off, endpoint pools); restart `dagster dev` to apply it", home / "dagster.yaml"
+            )
+    except OSError as exc:  # a read-only DAGSTER_HOME must not take the code location down
+        log.warning("could not write %s: %s", home / "dagster.yaml" if home else "dagster.yaml", exc)
     experiments = load_experiments()
     # A broken experiment file must not take the code location down with it: its assets are
     # left out and the file named where `dagster dev` logs (and in the leaderboard's description).

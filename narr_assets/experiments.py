@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -158,6 +159,15 @@ class ExperimentConfig(_Strict):
             "skip_placeholders": self.run.skip_placeholders,
         }
 
+    @property
+    def pool(self) -> str | None:
+        """The Dagster pool of the experiment's classification step: its endpoint's, or None.
+
+        `rules` experiments get none: they send no request, so there is no budget to share,
+        and partition locks already keep two runs off the same batch.
+        """
+        return endpoint_pool(self.model.base_url) if self.backend == "openai" and self.model.base_url else None
+
     def api_key(self) -> str:
         """The API key from the environment variable named by `model.api_key_env`.
 
@@ -173,6 +183,44 @@ class ExperimentConfig(_Strict):
                 "which is not set in the environment"
             )
         return value
+
+
+POOL_PREFIX = "narr-endpoint-"
+_POOL_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_POOL_NAME = 200
+
+
+def endpoint_pool(base_url: str) -> str:
+    """The Dagster pool shared by every experiment that sends requests to `base_url`.
+
+    `narr-endpoint-<host>-<port>-<path>`, e.g. `narr-endpoint-localhost-1234-v1` for
+    `http://localhost:1234/v1/`: the host in lower case, the scheme's default port spelled
+    out (so `https://api.openai.com/v1` and `https://api.openai.com:443/v1` share one
+    budget), other characters than letters, digits, `.`, `_` and `-` replaced by `-`. Dagster
+    accepts any name without whitespace; these few characters also survive the UI's pool URL
+    (`/deployment/concurrency/<pool>`) and a shell unquoted. Two endpoints whose names collide
+    after that replacement share a budget, which errs on the safe side.
+
+    Args:
+        base_url: The experiment's `model.base_url`.
+
+    Returns:
+        The pool name (at most 200 characters; a longer one ends in a hash of the URL).
+    """
+    parts = urlsplit(base_url.strip())
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number: the URL's own spelling still tells them apart
+        port = None
+    # Without a host it is no URL the SDK could use; it still gets one pool per spelling.
+    host = parts.hostname
+    where = f"{host.lower()}-{port or ''}-{parts.path.strip('/')}" if host else base_url.strip()
+    name = POOL_PREFIX + _POOL_UNSAFE.sub("-", where).strip("-")
+    if len(name) > MAX_POOL_NAME:
+        digest = hashlib.sha256(base_url.strip().encode()).hexdigest()[:12]
+        name = f"{name[: MAX_POOL_NAME - 13]}-{digest}"
+    return name
 
 
 def _rules_version() -> str:

@@ -17,6 +17,28 @@ import pandas as pd
 from narr_assets.experiments import ExperimentConfig
 from narr_assets.store import CURRENT_ROW, Store
 
+# Partition keys carry the batch's content version (`Store.batch_versions`): `b00005-3fa2c1d0`.
+# Editing a narrative gives its batch a new key, which Dagster shows as missing for every
+# experiment while the other keys keep their state. A key is never handed out twice (reverting
+# an edit is one more revision), so an old materialisation cannot come back to describe rows a
+# run since replaced. Classification rows keep the stable batch id (`b00005`).
+_VERSION_SEP = "-"
+
+
+def partition_key(batch_id: str, version: str) -> str:
+    """The Dagster partition key of a batch at a content version."""
+    return f"{batch_id}{_VERSION_SEP}{version}"
+
+
+def batch_of(key: str) -> str:
+    """The batch id of a partition key (`b00005-3fa2c1d0` -> `b00005`); a bare batch id is returned as is."""
+    return key.split(_VERSION_SEP, 1)[0]
+
+
+def partition_keys(store: Store) -> dict[str, str]:
+    """Batch id -> its current partition key, for every batch holding a current narrative."""
+    return {batch: partition_key(batch, version) for batch, version in store.batch_versions().items()}
+
 
 @dataclass
 class PartitionState:
@@ -104,6 +126,20 @@ def remaining_calls(store: Store, cfg: ExperimentConfig) -> int:
     return int(remaining)
 
 
+def older_config_batches(store: Store, cfg: ExperimentConfig, missing: list[str]) -> list[str]:
+    """Missing batches with rows written under another config of the experiment.
+
+    Dagster shows these partitions materialised but stale ("code version changed", the code
+    version being the config hash): the experiment file was edited since they ran.
+    """
+    rows = store.query_rows(
+        "SELECT DISTINCT batch_id FROM classification_rows WHERE experiment = ? AND config_hash <> ? ORDER BY 1",
+        [cfg.name, cfg.config_hash],
+    )
+    wanted = set(missing)
+    return [str(batch) for (batch,) in rows if batch in wanted]
+
+
 def experiment_status(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
     """Progress of one experiment: batches, rows, tokens, and an ETA from active run time.
 
@@ -126,6 +162,8 @@ def experiment_status(store: Store, cfg: ExperimentConfig) -> dict[str, Any]:
         "batches_missing": len(state.missing),
         "batches_with_errors": len(state.with_errors),
         "missing": state.missing,
+        "done": state.done,
+        "older_config_batches": len(older_config_batches(store, cfg, state.missing)),
         "remaining_calls": remaining,
         "rate_per_s": rate,
         "eta_s": (remaining / rate) if rate and remaining else (0.0 if not remaining else None),

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS batch_ledger (
     added_at TIMESTAMPTZ DEFAULT current_timestamp,
     PRIMARY KEY (incident_id, narrative_type)
 );
+CREATE TABLE IF NOT EXISTS batch_versions (
+    batch_id VARCHAR NOT NULL, content_hash VARCHAR NOT NULL, revision INTEGER NOT NULL,
+    recorded_at TIMESTAMPTZ DEFAULT current_timestamp,
+    PRIMARY KEY (batch_id, revision)
+);
 CREATE TABLE IF NOT EXISTS removed_narratives (
     incident_id VARCHAR NOT NULL, narrative_type VARCHAR NOT NULL, text_hash VARCHAR, batch_id VARCHAR,
     removed_at TIMESTAMPTZ, data_checksum VARCHAR,
@@ -101,6 +106,27 @@ LEFT JOIN removed_narratives r USING (incident_id, narrative_type)
 WHERE NOT EXISTS (
     SELECT 1 FROM narratives n WHERE n.incident_id = c.incident_id AND n.narrative_type = c.narrative_type
 );
+"""
+
+# Each batch's content now (keys and text hashes of its narratives; labels left out on purpose:
+# a label edit changes what `metrics` reports, never what a model is asked), next to the last
+# content recorded in `batch_versions`. A batch's revision goes up each time its content
+# changes - a revert included, so a key that was superseded is never handed out again.
+_BATCH_CONTENT = """
+WITH content AS (
+    SELECT batch_id,
+           md5(string_agg(incident_id || '|' || narrative_type || '|' || coalesce(text_hash, ''),
+                          ',' ORDER BY incident_id, narrative_type)) AS content_hash
+    FROM narratives GROUP BY batch_id
+), latest AS (
+    SELECT batch_id, arg_max(content_hash, revision) AS content_hash, max(revision) AS revision
+    FROM batch_versions GROUP BY batch_id
+), now AS (
+    SELECT c.batch_id, c.content_hash,
+           CASE WHEN l.content_hash = c.content_hash THEN l.revision ELSE coalesce(l.revision + 1, 0) END AS revision,
+           l.content_hash IS DISTINCT FROM c.content_hash AS unrecorded
+    FROM content c LEFT JOIN latest l USING (batch_id)
+)
 """
 
 # The current-row predicate, the one definition of which stored answer belongs to a narrative.
@@ -354,6 +380,12 @@ class Store:
             _insert(con, "batch_ledger", new_ledger_rows)
             _exec(
                 con,
+                "INSERT INTO batch_versions (batch_id, content_hash, revision) "
+                + _BATCH_CONTENT
+                + "SELECT batch_id, content_hash, revision FROM now WHERE unrecorded",
+            )
+            _exec(
+                con,
                 "DELETE FROM removed_narratives r WHERE EXISTS (SELECT 1 FROM narratives n"
                 " WHERE n.incident_id = r.incident_id AND n.narrative_type = r.narrative_type)",
             )
@@ -391,6 +423,31 @@ class Store:
     def batch_ids(self) -> list[str]:
         """Batches that hold at least one current narrative, in key order."""
         return list(self.query_df("SELECT DISTINCT batch_id FROM narratives ORDER BY 1")["batch_id"])
+
+    def batch_versions(self) -> dict[str, str]:
+        """Each batch's content version: 8 hex digits over its content and revision (`_BATCH_CONTENT`).
+
+        Read-only: a content not recorded yet (a database from before `batch_versions`) gets the
+        revision `replace_narratives` will record for it, so the answer never changes on recording.
+        """
+        rows = self.query_rows(
+            _BATCH_CONTENT + "SELECT batch_id, left(md5(content_hash || ':' || revision), 8) FROM now ORDER BY batch_id"
+        )
+        return {str(batch): str(version) for batch, version in rows}
+
+    def narratives_version(self) -> str:
+        """A content version of the whole `narratives` table: keys, text hashes and labels."""
+        (version,) = self.query_row(
+            """
+            SELECT md5(coalesce(string_agg(
+                       concat_ws('|', incident_id, narrative_type, coalesce(text_hash, '-'), batch_id,
+                                 coalesce(CAST(manual_flag_ind AS VARCHAR), '-'),
+                                 coalesce(CAST(manual_flag AS VARCHAR), '-')),
+                       ',' ORDER BY incident_id, narrative_type), ''))
+            FROM narratives
+            """
+        )
+        return str(version)
 
     def current_checksum(self) -> str | None:
         df = self.query_df("SELECT data_checksum FROM ingest_log ORDER BY loaded_at DESC LIMIT 1")

@@ -127,13 +127,11 @@ def _narr(env: Mapping[str, str], log: Path, *args: str, expect_failure: str | N
 
 
 def batch_keys(db: Path) -> list[str]:
-    """The batch (partition) keys in the demo database, from its `batch_ledger` table."""
-    import duckdb
+    """The partition keys of the demo database's batches (`b00000-<content version>`, ...), in batch order."""
+    from narr_assets.status import partition_keys
+    from narr_assets.store import Store
 
-    with duckdb.connect(str(db), read_only=True) as con:
-        return [
-            row[0] for row in con.execute("SELECT DISTINCT batch_id FROM batch_ledger ORDER BY batch_id").fetchall()
-        ]
+    return [key for _, key in sorted(partition_keys(Store(db)).items())]
 
 
 def prepare_project(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
-from conftest import materialize, write_experiment, write_long_csv
+from conftest import materialize, registered_batches, write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.definitions import build_definitions
-from narr_assets.defs.ingest import INGEST_KEYS, source_change_request, source_file_sensor
+from narr_assets.defs.ingest import INGEST_KEYS, SourceCursor, source_change_request, source_file_sensor
 from narr_assets.defs.resources import NarrSettings
 from narr_assets.ingest import file_checksum
+from narr_assets.status import batch_of
 from narr_assets.store import Store
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -76,7 +77,7 @@ def test_whole_graph_on_a_temporary_instance(project, server):
             "checksum_matches_source_file": True,
         }
         partitions = instance.get_dynamic_partitions("narrative_batches")
-        assert partitions == ["b00000", "b00001", "b00002"]
+        assert registered_batches(instance) == ["b00000", "b00001", "b00002"]
         # One run over all partitions of the LLM experiment.
         result = materialize(defs, instance, [dg.AssetKey(["llm", "classifications"])], ("b00000", "b00002"))
         assert result.success
@@ -135,10 +136,10 @@ def test_sensor_requests_one_run_per_new_checksum(project):
     source = write_long_csv(project / "input.csv", 3)
     resources = {"settings": project_settings(project, source)}
     first = file_checksum(source)
-    decision = source_change_request(first, None, str(source))
-    assert isinstance(decision, dg.RunRequest) and decision.run_key == first
-    assert isinstance(source_change_request(first, first, str(source)), dg.SkipReason)  # unchanged: nothing
-    assert isinstance(source_change_request(None, first, str(source)), dg.SkipReason)  # no file: nothing
+    decision, seen = source_change_request(first, SourceCursor(), str(source))
+    assert isinstance(decision, dg.RunRequest) and decision.run_key == f"1-{first}" and seen.checksum == first
+    assert isinstance(source_change_request(first, seen, str(source))[0], dg.SkipReason)  # unchanged: nothing
+    assert isinstance(source_change_request(None, seen, str(source))[0], dg.SkipReason)  # no file: nothing
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, cursor=first, resources=resources)
         result = source_file_sensor(ctx)
@@ -148,7 +149,8 @@ def test_sensor_requests_one_run_per_new_checksum(project):
         ctx = dg.build_sensor_context(instance=instance, cursor=first, resources=resources)
         result = source_file_sensor(ctx)
         assert len(result.run_requests) == 1
-        assert result.run_requests[0].run_key == file_checksum(source) == result.cursor
+        assert result.run_requests[0].run_key == f"1-{file_checksum(source)}"
+        assert SourceCursor.loads(result.cursor) == SourceCursor(checksum=file_checksum(source), changes=1)
 
 
 def test_experiment_file_error_leaves_out_only_that_file(project):
@@ -248,7 +250,7 @@ def test_partial_failure_is_recorded_per_partition_and_checked(project, server):
         status = instance.get_status_by_partition(key, parts, defs.get_assets_def(key).partitions_def)
         shown = {p for p, s in status.items() if s == dg.AssetPartitionStatus.MATERIALIZED}
         failed = {p for p, s in status.items() if s == dg.AssetPartitionStatus.FAILED}
-        assert shown == written and failed == set(parts) - written
+        assert {batch_of(p) for p in shown} == written and shown | failed == set(parts) and not shown & failed
         # The checks ran on what was written, though the step failed.
         checks = instance.get_event_records(
             dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION), limit=20

@@ -14,6 +14,7 @@ import pytest
 from conftest import write_experiment, write_long_csv
 
 from narr_assets.journal import Journal
+from narr_assets.status import partition_keys
 from narr_assets.store import Store
 from narr_assets.testing.server import serve_in_subprocess
 
@@ -163,7 +164,13 @@ def test_dagster_cli_materializes_ingestion_and_a_partition(project):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
-        [*base, "--select", "rules/classifications", "--partition", "b00000"],
+        [
+            *base,
+            "--select",
+            "rules/classifications",
+            "--partition",
+            partition_keys(Store(project / "narr.duckdb"))["b00000"],
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -220,12 +227,15 @@ def test_concurrent_first_runs_on_a_fresh_instance_all_succeed(project):
 
 @pytest.mark.slow
 def test_run_on_a_new_dagster_home_over_an_existing_database(project):
-    """The database's batches are registered with a new instance instead of being unknown partitions."""
+    """The database's batches are registered with a new instance, and what is done is recorded there."""
     source = write_long_csv(project / "input.csv", 10)
-    narr(env_for(project, source), "ingest")
+    narr(env_for(project, source), "run", "rules", "--no-metrics")
     env = {**env_for(project, source), "DAGSTER_HOME": str(project / "another_dagster_home")}
+    assert "missing 1 of 1 partitions" in narr(env, "status", "rules").stdout  # Dagster knows nothing yet
     out = narr(env, "run", "rules").stdout
-    assert "registering the database's batches" in out and "ingesting" not in out
+    assert "in line with the database's batches" in out and "ingesting" not in out
+    assert "1 complete in the database, recorded in Dagster now" in out
+    assert "Dagster: materialized 1, failed 0, in progress 0, missing 0 of 1 partitions" in out
     assert len(Store(project / "narr.duckdb").read_classifications("rules")) == 20
 
 
@@ -241,3 +251,32 @@ def test_ingest_refuses_a_mass_removal_until_allowed(project):
     assert len(Store(project / "narr.duckdb").read_narratives()) == 40  # nothing changed
     narr(env, "ingest", "--allow-removal")
     assert len(Store(project / "narr.duckdb").read_narratives()) == 10
+
+
+@pytest.mark.slow
+def test_narr_runs_after_dagster_stopped_at_narratives_and_after_an_edit(project):
+    """Ingestion stopped before `narrative_batches` (UI selection, kill -9): `narr` registers the keys."""
+    source = write_long_csv(project / "input.csv", 30)  # 60 narratives, 3 batches of 25 or fewer
+    env = env_for(project, source)
+    base = [str(BIN / "dagster"), "asset", "materialize", "-m", "narr_assets.definitions"]
+    proc = subprocess.run([*base, "--select", "*narratives"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = narr(env, "run", "rules", "--no-metrics")
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "in line with the database's batches" in out.stdout
+    assert "Dagster: materialized 3, failed 0, in progress 0, missing 0 of 3 partitions" in out.stdout
+    # One narrative edited: `narr run` re-ingests, and only its batch runs, under a new key.
+    keys = partition_keys(Store(project / "narr.duckdb"))
+    write_long_csv(source, 30, special={(3, "le"): "Case 3-le. Edited."})
+    out = narr(env, "run", "rules", "--no-metrics")
+    new_keys = partition_keys(Store(project / "narr.duckdb"))
+    assert [b for b in keys if keys[b] != new_keys[b]] == ["b00000"]
+    assert f"1 batch(es) to run ({new_keys['b00000']} .. {new_keys['b00000']})" in out.stdout
+    assert "Dagster: materialized 3, failed 0, in progress 0, missing 0 of 3 partitions" in out.stdout
+    # The experiment file edited: `narr status` says what the UI shows (stale, code version changed).
+    path = project / "experiments" / "rules.yaml"
+    path.write_text(path.read_text().replace("skip_placeholders: true", "skip_placeholders: false"))
+    out = narr(env, "status", "rules").stdout
+    (config,) = [line for line in out.splitlines() if line.startswith("rules (")]
+    assert "batches done 0, missing 3" in config
+    assert "config changed: 3 batch(es) were classified under an older config; the UI shows them stale" in out

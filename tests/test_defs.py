@@ -7,6 +7,7 @@ import hashlib
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import registered_batches
 
 from narr_assets import settings
 from narr_assets.classify import RunSummary
@@ -75,11 +76,11 @@ def test_a_run_can_override_one_setting(project, monkeypatch):
             run_config={"resources": {"settings": {"config": {"batch_size": 4}}}},
         )
         assert result.success
-        assert instance.get_dynamic_partitions("narrative_batches") == ["b00000", "b00001", "b00002"]
+        assert registered_batches(instance) == ["b00000", "b00001", "b00002"]
         # Without run config: the environment's values.
         source.write_text(source.read_text() + "".join(f"{i},le,Another narrative {i}.\n" for i in range(9)))
         assert dg.materialize(assets, selection=INGEST_KEYS, instance=instance, resources=defs.resources).success
-        assert instance.get_dynamic_partitions("narrative_batches") == ["b00000", "b00001", "b00002", "b00003"]
+        assert registered_batches(instance) == ["b00000", "b00001", "b00002", "b00003"]
 
 
 def test_ingest_selection_is_the_three_ingest_assets():

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NEGATIVE, POSITIVE, write_experiment, write_long_csv
+from conftest import NEGATIVE, POSITIVE, partition_key_of, write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, classify_batches
@@ -439,6 +439,8 @@ DAGSTER_SCRIPT = textwrap.dedent(
     defs = build_definitions(settings=NarrSettings(source=source, data_dir=data_dir, batch_size=20))
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]
     with dg.DagsterInstance.get() as instance:
+        keys = instance.get_dynamic_partitions("narrative_batches")  # batch ids -> versioned keys
+        start, end = (next(k for k in keys if k.startswith(b + "-")) for b in (start, end))
         result = dg.materialize(
             [*assets, *defs.asset_checks], selection=[dg.AssetKey(["llm", "classifications"])],
             instance=instance, resources=defs.resources, raise_on_error=False,
@@ -541,7 +543,8 @@ def test_an_echoed_key_reaches_no_dagster_event_or_file(project, server, monkeyp
     with dg.instance_for_test() as instance:
         kwargs = {"instance": instance, "resources": defs.resources, "raise_on_error": False}
         assert dg.materialize([*assets, *defs.asset_checks], selection=INGEST_KEYS, **kwargs).success
-        tags = {"dagster/asset_partition_range_start": "b00000", "dagster/asset_partition_range_end": "b00001"}
+        start, end = (partition_key_of(instance, b) for b in ("b00000", "b00001"))
+        tags = {"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end}
         result = dg.materialize(
             [*assets, *defs.asset_checks], selection=[dg.AssetKey(["llm", "classifications"])], tags=tags, **kwargs
         )

@@ -7,7 +7,7 @@ from dagster_duckdb import DuckDBResource
 
 from narr_assets import evaluation
 from narr_assets.defs.experiment import metrics_key
-from narr_assets.defs.metadata import frame_md
+from narr_assets.defs.metadata import ROW_COUNT, frame_md, row_count
 from narr_assets.defs.resources import NarrSettings
 from narr_assets.experiments import BrokenExperiment, ExperimentConfig
 from narr_assets.exports import export_frame, write_export
@@ -16,6 +16,7 @@ from narr_assets.report import REPORT_COPIES, prune_report_copies, render_report
 from narr_assets.results import cross_experiment
 from narr_assets.store import Store
 
+COMPARE_JOB = "compare"
 LEADERBOARD_SHOWN = ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share")
 
 
@@ -49,7 +50,9 @@ def build_comparison_defs(
             evaluation.disagreement_table([frame.assign(experiment=name) for name, frame in disagreements.items()]),
         )
         shown = board[[c for c in LEADERBOARD_SHOWN if c in board]]
-        return dg.MaterializeResult(metadata={"experiments": len(board), "leaderboard": frame_md(shown)})
+        return dg.MaterializeResult(
+            metadata={"experiments": len(board), "leaderboard": frame_md(shown), **row_count(store, "leaderboard")}
+        )
 
     @dg.asset(deps=[leaderboard], group_name="evaluation", kinds={"html"})
     def report(
@@ -80,11 +83,20 @@ def build_comparison_defs(
         """CSV of each evaluated experiment's results joined with the narratives."""
         store = Store(duckdb)
         written = {}
+        rows = 0
         for cfg in experiments:
             frame = export_frame(store, cfg.name)
             if not frame.empty:
                 path = settings.layout.exports / f"{cfg.name}.csv"
                 written[cfg.name] = str(write_export(frame, path, "csv", tighten_folder=True))
-        return dg.MaterializeResult(metadata={"files": dg.MetadataValue.json(written)})
+                rows += len(frame)
+        # The row count is over every file written: one CSV per experiment, one table in all.
+        return dg.MaterializeResult(metadata={"files": dg.MetadataValue.json(written), ROW_COUNT: rows})
 
-    return dg.Definitions(assets=[leaderboard, report, exports])
+    compare_job = dg.define_asset_job(
+        COMPARE_JOB,
+        # Every experiment's metrics too: `narr materialize` refreshes them and the comparison in one run.
+        selection=dg.AssetSelection.assets(*metrics_keys, leaderboard, report, exports),
+        description="Compare the experiments: their metrics, the leaderboard, the report and the exports.",
+    )
+    return dg.Definitions(assets=[leaderboard, report, exports], jobs=[compare_job])

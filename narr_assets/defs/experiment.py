@@ -2,13 +2,20 @@
 
 Naming rule: experiment `<name>` (`configs/experiments/<name>.yaml`) yields the assets
 `<name>/classifications` (one partition per batch, many partitions per run) and
-`<name>/metrics`, and three checks on the classifications. Both assets' code version is the
-experiment's config hash, so an edited prompt shows as a changed code version in the UI.
+`<name>/metrics`, three checks on the classifications, and the job `experiment_<name>` over
+both assets. Both assets' code version is the experiment's config hash, so an edited prompt
+shows as a changed code version in the UI.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import dagster as dg
+from dagster._core.definitions.data_version import (  # the tag names Dagster's own steps write
+    CODE_VERSION_TAG,
+    extract_data_version_from_entry,
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
 from dagster_duckdb import DuckDBResource
 
 from narr_assets import evaluation, quality
@@ -19,17 +26,21 @@ from narr_assets.classify import (
     RunSummary,
     classify_batches,
 )
-from narr_assets.defs.ingest import batch_partitions, narrative_batches
-from narr_assets.defs.metadata import metrics_md, run_summary_metadata
+from narr_assets.defs.ingest import batch_partitions, narrative_batches, narratives
+from narr_assets.defs.metadata import metrics_md, row_count, run_summary_metadata
 from narr_assets.defs.resources import NarrSettings
 from narr_assets.experiments import ExperimentConfig
 from narr_assets.llm import FatalError
 from narr_assets.results import evaluate_experiment
+from narr_assets.status import batch_of, partition_keys
 from narr_assets.store import Store
 
 ONE_ROW_PER_NARRATIVE = "one_row_per_narrative"
 ERROR_RATE = "error_rate_below_threshold"
 CONFIDENCE_RANGE = "confidence_in_range"
+# Run tags naming the experiment and its config: runs can be filtered by them in the UI.
+EXPERIMENT_TAG = "narr/experiment"
+CONFIG_HASH_TAG = "narr/config_hash"
 
 
 class ClassifyConfig(dg.Config):
@@ -45,6 +56,19 @@ def classifications_key(cfg: ExperimentConfig) -> dg.AssetKey:
 
 def metrics_key(cfg: ExperimentConfig) -> dg.AssetKey:
     return dg.AssetKey([cfg.name, "metrics"])
+
+
+# The groups of the assets all experiments share (`ingest.py`, `comparison.py`).
+SHARED_GROUPS = ("ingest", "evaluation")
+
+
+def experiment_group(cfg: ExperimentConfig) -> str:
+    """The asset group of one experiment's assets, so the graph draws each experiment as its own box.
+
+    The experiment's name (already a valid group name: letters, digits, `_`), unless it is
+    the name of a shared group.
+    """
+    return f"{cfg.name}_experiment" if cfg.name in SHARED_GROUPS else cfg.name
 
 
 def _model(cfg: ExperimentConfig) -> str:
@@ -67,6 +91,46 @@ def _termination_requested(context: dg.AssetExecutionContext) -> str | None:
     return None
 
 
+def missing_batches_condition() -> dg.AutomationCondition:
+    """The automation condition of an opted-in experiment: each missing batch, requested once.
+
+    `eager()` does not fit a dynamic partition per batch: its first evaluation counts every
+    partition as handled, so batches missing before automation was turned on were never asked
+    for, and each materialisation of `narrative_batches` (every ingest, unchanged or not) made
+    it request every partition again. Here a partition is requested when all of these hold:
+
+    - `missing()`: never materialised. So a re-ingest leaves materialised batches alone (a new
+      or edited batch gets a new key, which is missing), and a config edit is no trigger: it
+      shows as a changed code version, re-run on purpose.
+    - `~execution_failed()`: its latest run did not fail. A failed batch is one the engine's
+      own retries (`run.max_retries`, with backoff) could not fix - an endpoint down, a
+      rejected key, a locked database - so asking again at once fails the same way, and on
+      a broken endpoint forever. It waits for the user ("Materialize > missing and failed",
+      or `narr run`); its answers so far are journalled, so resuming pays nothing twice.
+    - `~any_deps_in_progress()`: no ingest is running. A key the ingest is about to
+      supersede is not worth a run (the step would refuse the whole run); what the ingest
+      leaves missing is requested on the first evaluation after it.
+    - not handled since it became missing: requested by this sensor, or taken up by a run or
+      backfill (`narr run`, the UI). So each batch is requested once, never while a run is
+      on it, and a run someone stops is not restarted behind their back (its batches wait
+      for the user, like failed ones). Nothing else is remembered: a batch missing before
+      automation was turned on, or during an ingest, is simply not handled yet. (Dagster
+      stores this memory as ranges of keys and drops it when an ingest deletes a range's
+      first or last key; the worst that does is request a stopped run's batches once more.)
+
+    Returns:
+        The condition, evaluated by the experiment's automation sensor (`automation_sensors`).
+    """
+    condition = dg.AutomationCondition
+    taken_up = condition.newly_requested() | condition.in_progress()
+    # A key that is new and already in a run (`narr run` between two evaluations) is handled.
+    became_missing = condition.newly_missing() & ~condition.in_progress()
+    handled = taken_up.since(became_missing).with_label("handled_since_missing")
+    return (
+        condition.missing() & ~condition.execution_failed() & ~condition.any_deps_in_progress() & ~handled
+    ).with_label("missing_batches_once")
+
+
 def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     """`<experiment>/classifications`: one partition per batch, many per run."""
     model = _model(cfg)
@@ -76,8 +140,9 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         deps=[narrative_batches],
         partitions_def=batch_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=cfg.pool,  # one classification step per endpoint at a time, across runs
         code_version=cfg.config_hash,
-        group_name="classification",
+        group_name=experiment_group(cfg),
         kinds={"duckdb", "python" if cfg.backend == "rules" else "openai"},
         description=cfg.description or f"{cfg.name}: {cfg.backend} classifications by batch",
         metadata={
@@ -86,17 +151,20 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             "source_file": cfg.source_file,
             "effective_config": dg.MetadataValue.json(cfg.effective()),
         },
-        automation_condition=dg.AutomationCondition.eager() if cfg.run.auto_materialize else None,
+        automation_condition=missing_batches_condition() if cfg.run.auto_materialize else None,
     )
     def classifications(
         context: dg.AssetExecutionContext, config: ClassifyConfig, settings: NarrSettings, duckdb: DuckDBResource
     ) -> dg.MaterializeResult:
         store = Store(duckdb)
+        batches, outdated = split_keys(store, context.partition_keys)
+        if not batches:
+            raise dg.Failure(outdated_message(outdated), allow_retries=False)
         try:
             summary = classify_batches(
                 cfg,
                 store,
-                list(context.partition_keys),
+                batches,
                 journal_dir=settings.layout.journal,
                 locks_dir=settings.layout.locks,
                 retry_errors=config.retry_errors,
@@ -123,7 +191,13 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             context.log.warning(str(exc))
             raise
         store.log_run(summary)
-        return dg.MaterializeResult(metadata=run_summary_metadata(summary, model))
+        if outdated:  # the current keys are done: record them, and fail the outdated ones
+            record_complete_partitions(context, store, summary, check_rules(cfg))
+            raise dg.Failure(outdated_message(outdated), allow_retries=False)
+        # The row count is the experiment's (its current rows in `classifications`): a run
+        # attaches the same metadata to each of its partitions, so a run's count would mislead.
+        row_metadata = row_count(store, "classifications", experiment=cfg.name)
+        return dg.MaterializeResult(metadata={**run_summary_metadata(summary, model), **row_metadata})
 
     return classifications
 
@@ -133,8 +207,9 @@ def build_metrics(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -
 
     @dg.asset(
         key=metrics_key(cfg),
-        deps=[classifications],
-        group_name="evaluation",
+        # `narratives` for the labels: a label edit marks metrics stale, and no classification.
+        deps=[classifications, narratives],
+        group_name=experiment_group(cfg),
         kinds={"duckdb"},
         code_version=cfg.config_hash,
         description=f"{cfg.name}: confusion matrix, P/R/F1 with intervals, coverage, calibration, cost",
@@ -149,6 +224,7 @@ def build_metrics(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -
                 "metrics_strict": metrics_md(ev, "strict"),
                 "metrics_answered": metrics_md(ev, "answered"),
                 "coverage": dg.MetadataValue.json(ev["coverage"]),
+                **row_count(Store(duckdb), "experiment_metrics", experiment=cfg.name),
             }
         )
 
@@ -156,6 +232,27 @@ def build_metrics(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -
 
 
 Rule = Callable[[Store], tuple[bool, dict]]
+
+
+def split_keys(store: Store, keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The batch ids of a run's current partition keys, and the keys of an older content version.
+
+    A key goes out of date when a re-ingest edits its batch between the launch and the step
+    (`narrative_batches` then deletes it and registers the new one). Classifying it would
+    answer for texts the key does not stand for, so the step classifies the current keys only,
+    records them, and fails naming the others.
+    """
+    current = partition_keys(store)
+    outdated = [k for k in keys if current.get(batch_of(k)) != k]
+    return [batch_of(k) for k in keys if k not in set(outdated)], outdated
+
+
+def outdated_message(outdated: Sequence[str]) -> str:
+    shown = ", ".join(outdated[:5]) + (f" and {len(outdated) - 5} more" if len(outdated) > 5 else "")
+    return (
+        f"partition(s) {shown} no longer match the narratives (re-ingested since the run was launched; "
+        "their batches have new keys): materialise the missing partitions"
+    )
 
 
 def check_rules(cfg: ExperimentConfig) -> list[tuple[str, str, Rule]]:
@@ -207,14 +304,17 @@ def record_complete_partitions(
     checks are evaluated on what was written. Dagster then shows exactly those partitions
     materialised and the others failed. On full success the step returns as usual instead.
     """
-    complete = sorted(set(summary.written_batches) | set(summary.up_to_date_batches))
-    for partition in complete:
+    complete = set(summary.written_batches) | set(summary.up_to_date_batches)
+    current = set(partition_keys(store).values())  # an outdated key is never recorded
+    keys = sorted(k for k in context.partition_keys if batch_of(k) in complete and k in current)
+    tags = _provenance_tags(context.instance, summary.config_hash)
+    for partition in keys:
         context.instance.report_runless_asset_event(
             dg.AssetMaterialization(
                 asset_key=context.asset_key,
                 partition=partition,
-                metadata={"recorded_by_run": context.run_id, "config_hash": summary.config_hash},
-                tags={"dagster/code_version": summary.config_hash},
+                metadata={"recorded_by_run": context.run.run_id, "config_hash": summary.config_hash},
+                tags=tags,
             )
         )
     if not complete:
@@ -226,10 +326,75 @@ def record_complete_partitions(
         )
 
 
+def _provenance_tags(instance: dg.DagsterInstance, config_hash: str) -> dict[str, str]:
+    """The provenance tags Dagster writes on a step's own materialisations.
+
+    Without them a reported materialisation reads stale as soon as `narrative_batches` is
+    materialised again (Dagster then compares timestamps instead of data versions).
+    """
+    tags = {CODE_VERSION_TAG: config_hash}
+    record = instance.get_latest_data_version_record(narrative_batches.key)
+    if record is not None:
+        version = extract_data_version_from_entry(record.event_log_entry)
+        if version is not None:
+            tags[get_input_data_version_tag(narrative_batches.key)] = version.value
+            tags[get_input_event_pointer_tag(narrative_batches.key)] = str(record.storage_id)
+    return tags
+
+
+def automation_sensors(cfg: ExperimentConfig, classifications: dg.AssetsDefinition) -> list[dg.SensorDefinition]:
+    """`<experiment>_automation`, running from the start, when the experiment opts in.
+
+    Dagster's own `default_automation_condition_sensor` starts stopped, so opting in in the
+    YAML file alone would do nothing until someone switched it on in the UI. One sensor per
+    experiment: each can be paused on its own (Automation tab). It emits a backfill when it
+    requests several batches, which `BackfillPolicy.single_run()` runs as one run per
+    contiguous stretch of keys; new and edited batches get keys at the end, so one run.
+    """
+    if not cfg.run.auto_materialize:
+        return []
+    return [
+        dg.AutomationConditionSensorDefinition(
+            f"{cfg.name}_automation",
+            target=dg.AssetSelection.assets(classifications),
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            description=f"{cfg.name}: classifies each missing batch once (run.auto_materialize in {cfg.source_file})",
+            # Its runs (through a backfill, so not the experiment's job) get the job's tags too.
+            run_tags={EXPERIMENT_TAG: cfg.name, CONFIG_HASH_TAG: cfg.config_hash},
+        )
+    ]
+
+
+def experiment_job_name(cfg: ExperimentConfig) -> str:
+    """`experiment_<name>`: a valid job name, since an experiment name is letters, digits and `_`.
+
+    The prefix keeps it apart from the project's other jobs (`ingest`, `compare`), whatever
+    the experiment is called.
+    """
+    return f"experiment_{cfg.name}"
+
+
 def build_experiment_defs(cfg: ExperimentConfig) -> dg.Definitions:
-    """Everything one experiment file yields: classifications, metrics and their checks."""
+    """Everything one experiment file yields: classifications, metrics, their checks and job.
+
+    The job `experiment_<name>` selects both assets; `narr` launches it with one of them
+    selected, so a run shows the job, the asset it materialises and the experiment's tags, and
+    the UI can re-execute it. Mixing the partitioned classifications with the unpartitioned
+    metrics in one job is allowed: a run selecting metrics alone takes no partition.
+    """
     classifications = build_classifications(cfg)
+    metrics = build_metrics(cfg, classifications)
+    job = dg.define_asset_job(
+        experiment_job_name(cfg),
+        selection=dg.AssetSelection.assets(classifications, metrics),
+        description=f"{cfg.name}: classify batches ({cfg.source_file}) and evaluate them.",
+        # Copied onto every run of this job: narr's, launches and backfills of the job in the UI,
+        # re-executions. (An asset backfill from the asset's page runs Dagster's own asset job.)
+        tags={EXPERIMENT_TAG: cfg.name, CONFIG_HASH_TAG: cfg.config_hash},
+    )
     return dg.Definitions(
-        assets=[classifications, build_metrics(cfg, classifications)],
+        assets=[classifications, metrics],
         asset_checks=build_checks(cfg, classifications),
+        sensors=automation_sensors(cfg, classifications),
+        jobs=[job],
     )

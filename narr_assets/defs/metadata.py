@@ -1,4 +1,4 @@
-"""Metadata people read in the UI: markdown tables and the run summary, built in one place."""
+"""Metadata people read in the UI: markdown tables, the run summary and table facts, built in one place."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import pandas as pd
 
 from narr_assets.classify import RunSummary
 from narr_assets.evaluation import SCOPES
+from narr_assets.store import Store
+
+# The keys Dagster's UI reads a table asset's row count and columns from (`TableMetadataSet`,
+# which dagster 1.13 does not export at the top level).
+ROW_COUNT = "dagster/row_count"
+COLUMN_SCHEMA = "dagster/column_schema"
 
 
 def _cell(value: Any) -> str:
@@ -91,3 +97,41 @@ def run_summary_metadata(summary: RunSummary, model: str) -> dict[str, Any]:
         "run_calls_per_second": round(summary.calls_per_second, 2),
         "run_statuses": counts_md(dict(sorted(summary.status_counts.items())), "status", "rows"),
     }
+
+
+def row_count(store: Store, table: str, experiment: str | None = None) -> dict[str, int]:
+    """The `dagster/row_count` entry of a table, or of one experiment's rows in it.
+
+    Args:
+        store: The database.
+        table: A table or view of the data contract; a name from the code, never user input.
+        experiment: Count only this experiment's rows (tables with an `experiment` column).
+
+    Returns:
+        `{"dagster/row_count": n}`, to merge into an asset's metadata.
+    """
+    where, params = ("WHERE experiment = ?", [experiment]) if experiment else ("", [])
+    (count,) = store.query_row(f'SELECT count(*) FROM "{table}" {where}', params)
+    return {ROW_COUNT: int(count)}
+
+
+def table_metadata(store: Store, table: str) -> dict[str, Any]:
+    """The `dagster/row_count` and `dagster/column_schema` entries of a table.
+
+    Args:
+        store: The database.
+        table: A table of the data contract; its columns come from DuckDB (`DESCRIBE`), so
+            the schema the UI shows is the one the file has.
+
+    Returns:
+        Both entries, to merge into an asset's metadata.
+    """
+    described = store.query_rows(f'DESCRIBE "{table}"')  # name, type, null, key, default, extra
+    columns = [
+        dg.TableColumn(name=str(name), type=str(kind), constraints=dg.TableColumnConstraints(nullable=null == "YES"))
+        for name, kind, null, *_ in described
+    ]
+    key = [str(row[0]) for row in described if row[3] == "PRI"]
+    constraints = dg.TableConstraints(other=[f"primary key ({', '.join(key)})"] if key else [])
+    schema = dg.TableSchema(columns=columns, constraints=constraints)
+    return {**row_count(store, table), COLUMN_SCHEMA: dg.MetadataValue.table_schema(schema)}
