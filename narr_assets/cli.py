@@ -362,11 +362,16 @@ def _experiments(names: Sequence[str] | None):
         raise ExperimentError(named_broken[0].message)
     if not names:
         return [c for c in configs if c.run_by_default]
-    by_name = {c.name: c for c in configs}
+    # A name selects its experiment; a grid's name (its file stem) selects all of its members.
+    by_name = {c.name: [c] for c in configs}
+    for cfg in configs:
+        if cfg.grid_name and cfg.grid_name not in by_name:
+            by_name[cfg.grid_name] = [c for c in configs if c.grid_name == cfg.grid_name]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"narr: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(sorted(by_name))}")
-    return [by_name[n] for n in names]
+    selected = {cfg.name: cfg for n in names for cfg in by_name[n]}  # a member named twice runs once
+    return list(selected.values())
 
 
 def _store():
@@ -509,17 +514,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    (cfg,) = _experiments([args.experiment])  # a typo fails here, before anything starts
+    # A typo fails here, before anything starts; a grid's file stem gives all of its members.
+    configs = _experiments([args.experiment])
     runner = Runner()
     if not ingest_if_needed(runner):
         return 1
     partitions = [p.strip() for p in args.partitions.split(",")] if args.partitions else None
-    ok = run_experiment(runner, cfg, retry_errors=args.retry_errors, partitions=partitions)
-    if runner.interrupted:
-        return EXIT_INTERRUPTED
+    ok = True
+    for cfg in configs:
+        ok = run_experiment(runner, cfg, retry_errors=args.retry_errors, partitions=partitions) and ok
+        if runner.interrupted:
+            return EXIT_INTERRUPTED
     if ok and not args.no_metrics:
-        ok = runner.materialize([_key(cfg.name, "metrics")])
-    _print_status([cfg])
+        ok = runner.materialize([_key(cfg.name, "metrics") for cfg in configs])
+    _print_status(configs)
     return 0 if ok else 1
 
 
@@ -616,7 +624,11 @@ def _dagster_partition_statuses(configs, keys: list[str]) -> dict[str, dict[str,
 def cmd_export(args: argparse.Namespace) -> int:
     from narr_assets.exports import export_frame, write_export
 
-    (cfg,) = _experiments([args.experiment])
+    configs = _experiments([args.experiment])
+    if len(configs) > 1:
+        names = ", ".join(c.name for c in configs)
+        raise SystemExit(f"narr: {args.experiment} is a grid of {len(configs)} experiments; export one of: {names}")
+    (cfg,) = configs
     frame = export_frame(_store(), cfg.name)
     if frame.empty:
         print(f"narr: {cfg.name} has no results yet; run `narr run {cfg.name}` first", file=sys.stderr)
@@ -628,32 +640,90 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
-    from narr_assets.experiments import load_experiments
+    from narr_assets.experiments import format_grid_values, load_experiments
 
     configs = load_experiments()  # broken files are listed below, not warned about
     for cfg in configs:
-        model = cfg.model.name if cfg.backend == "openai" else "lexicon"
+        model = "lexicon" if cfg.backend == "rules" else cfg.model.name
         flag = " (default)" if cfg.run_by_default else ""
-        print(f"{cfg.name:24s} {cfg.backend:7s} {model:24s} config {cfg.config_hash}{flag}  {cfg.source_file}")
+        print(f"{cfg.name:24s} {cfg.backend:8s} {model:24s} config {cfg.config_hash}{flag}  {cfg.source_file}")
+        if cfg.grid_name:
+            print(f"{'':24s} grid {cfg.grid_name}: {format_grid_values(cfg.grid_values)}")
     for broken in configs.errors:
         print(f"{broken.name:24s} INVALID  {broken.message}")
     return 1 if configs.errors else 0  # a broken file is worth a failing exit in a script
+
+
+def cmd_import_legacy(args: argparse.Namespace) -> int:
+    from narr_assets.legacy import import_legacy
+
+    out = Path(args.narratives_out) if args.narratives_out else None
+    result = import_legacy(Path(args.database), settings.experiments_dir(), out, args.experiment)
+    for path, line in zip(result.files, result.lines, strict=True):
+        print(f"narr: wrote {path}: {line}")
+    if result.narratives_file is not None:
+        print(
+            f"narr: wrote {result.narratives:,} narratives to {result.narratives_file} "
+            f"(use it as NARR_SOURCE, then `narr run <experiment>` for each imported experiment)"
+        )
+    # A stored metric the rows do not reproduce is worth a failing exit in a script.
+    return 1 if any(exp.differences() for exp in result.experiments) else 0
+
+
+def cmd_convert_legacy_config(args: argparse.Namespace) -> int:
+    from narr_assets.experiments import ExperimentError, load_experiment
+    from narr_assets.legacy import CONVERT_MARKER, convert_legacy_config
+
+    given = Path(args.path)
+    paths = sorted([*given.glob("*.yaml"), *given.glob("*.yml")]) if given.is_dir() else [given]
+    if not paths:
+        raise ExperimentError(f"{given}: no .yaml or .yml files in this folder")
+    out_dir = Path(args.out_dir) if args.out_dir else settings.experiments_dir()
+    failed = 0
+    for path in paths:
+        try:
+            name, text = convert_legacy_config(path)
+        except ExperimentError as exc:  # one unreadable file spoils no other
+            print(f"narr: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        out = out_dir / f"{name}.yaml"
+        if out.exists() and not out.read_text(encoding="utf-8", errors="replace").startswith(CONVERT_MARKER):
+            print(f"narr: {out}: exists and was not converted by narr; move it away to convert {path}", file=sys.stderr)
+            failed += 1
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        notes = text.count("\n# Not mapped - ")
+        print(f"narr: wrote {out} (from {path}; {notes} key(s) not mapped, listed at its top)")
+        try:
+            load_experiment(out)
+        except ExperimentError as exc:
+            print(f"narr: {exc}; edit the converted file", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def _print_where() -> None:
     import pandas as pd
 
     try:
-        board = _store().query_df(
-            "SELECT rank, experiment, f1, f1_ci_low, f1_ci_high, answered_share, n_rows FROM leaderboard ORDER BY rank"
-        )
+        board = _store().query_df("SELECT * FROM leaderboard ORDER BY rank")
     except Exception:  # no leaderboard yet (e.g. nothing evaluated): just say where things are
         board = None
     if board is not None and not board.empty:
-        print("\nleaderboard (strict F1, unanswered counted as wrong, 95% bootstrap interval):")
+        # Both variants, named: the R system's F1 is the answered one, ours ranks by strict.
+        answered = "answered_f1" in board
+        print(
+            "\nleaderboard (strict F1: unanswered counted as wrong, 95% bootstrap interval"
+            + ("; answered F1: unanswered left out, the R system's F1):" if answered else "):")
+        )
         for r in board.itertuples():
             f1 = "n/a (no labels)" if pd.isna(r.f1) else f"{r.f1:.3f} [{r.f1_ci_low:.3f}, {r.f1_ci_high:.3f}]"
-            print(f"  {r.rank}. {r.experiment:24s} F1 {f1}  answered {r.answered_share:.1%} of {r.n_rows:,}")
+            line = f"  {r.rank}. {r.experiment:24s} strict F1 {f1}"
+            if answered:
+                line += "  answered F1 " + ("n/a" if pd.isna(r.answered_f1) else f"{r.answered_f1:.3f}")
+            print(f"{line}  (answered {r.answered_share:.1%} of {r.n_rows:,})")
     print("\nresults:")
     print(
         f"  database: {settings.db_path()}  (tables narratives, classifications, experiment_metrics, leaderboard, ...)"
@@ -711,6 +781,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", choices=["csv", "parquet", "jsonl"], default="csv")
     p.add_argument("--out", "-o", help="output file (default data/exports/<experiment>.<format>)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-legacy", help="import the R system's SQLite results as `imported` experiments")
+    p.add_argument("database", help="the R system's results file (.sqlite)")
+    p.add_argument("--narratives-out", help="also write its narratives as a long-layout CSV (usable as NARR_SOURCE)")
+    p.add_argument(
+        "--experiment", type=int, nargs="+", action="extend", help="legacy experiment ids (default: all)", metavar="ID"
+    )
+    p.set_defaults(func=cmd_import_legacy)
+
+    p = sub.add_parser("convert-legacy-config", help="convert R system experiment YAML files into experiment files")
+    p.add_argument("path", help="an R experiment file, or a folder of them")
+    p.add_argument("--out-dir", help="where to write them (default: NARR_EXPERIMENTS)")
+    p.set_defaults(func=cmd_convert_legacy_config)
 
     p = sub.add_parser("experiments", help="list experiment files with their config hashes")
     p.set_defaults(func=cmd_experiments)

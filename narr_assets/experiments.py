@@ -2,7 +2,9 @@
 
 Naming rule: the file `configs/experiments/<name>.yaml` defines experiment `<name>` (or the
 `name:` key when given; letters, digits and `_` only, since it becomes a Dagster key prefix).
-Its assets are `<name>/classifications` (partitioned by batch) and `<name>/metrics`.
+Its assets are `<name>/classifications` (partitioned by batch) and `<name>/metrics`. A file
+with a `grid:` (dotted config paths -> lists of values) defines one experiment per
+combination instead, `<name>__<slug of the values>` (see `load_experiment_file`).
 
 The *config hash* covers everything that can change a model's answer - backend, model name,
 endpoint, sampling parameters, the resolved prompt texts, output mode, the lexicon for the
@@ -13,15 +15,18 @@ a prompt re-asks the model and editing the concurrency does not.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,23 +103,38 @@ class RunSpec(_Strict):
     max_input_chars: int | None = Field(default=None, gt=0)
 
 
+class LegacySpec(_Strict):
+    """Where an `imported` experiment's answers live: one experiment of an R system database."""
+
+    database: str
+    experiment_id: int
+    # The database file's sha256 when it was imported: in the config hash, so importing a
+    # different database re-imports; classification refuses a file that no longer matches.
+    database_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class ExperimentConfig(_Strict):
     """The validated content of one experiment file, with prompts resolved to text."""
 
     name: str
     description: str = ""
     run_by_default: bool = False
-    backend: Literal["openai", "rules"] = "openai"
+    backend: Literal["openai", "rules", "imported"] = "openai"
     model: ModelSpec = Field(default_factory=ModelSpec)
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     lexicon: str | None = None
+    legacy: LegacySpec | None = None  # backend `imported` only (see `narr_assets.legacy`)
     # Filled by load_experiment, not by users.
     source_file: str = ""
     system_prompt: str = ""
     user_template: str = ""
     lexicon_sha: str = ""
+    # A grid member's grid (the file's `name:` or stem) and its values, by dotted path; empty
+    # for an ordinary file. Not hashed: the values themselves are in the config they set.
+    grid_name: str = ""
+    grid_values: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -132,6 +152,8 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"the user template must contain the placeholder {PLACEHOLDER}")
             if self.user_template.count(PLACEHOLDER) != 1:
                 raise ValueError(f"the user template must contain {PLACEHOLDER} exactly once")
+        if (self.backend == "imported") != (self.legacy is not None):
+            raise ValueError("backend 'imported' and the `legacy:` section go together (write both or neither)")
         return self
 
     @property
@@ -148,6 +170,18 @@ class ExperimentConfig(_Strict):
                 "rules_version": _rules_version(),
                 "skip_placeholders": self.run.skip_placeholders,
             }
+        if self.backend == "imported" and self.legacy is not None:
+            # The answers are the database's: which database and which of its experiments; the
+            # model and prompts it recorded describe those answers (and the registry shows them).
+            return {
+                "backend": "imported",
+                "legacy_database_sha256": self.legacy.database_sha256,
+                "legacy_experiment_id": self.legacy.experiment_id,
+                "model": self.model.model_dump(exclude={"api_key_env"}),
+                "prompt_version": self.prompt.version,
+                "system_prompt": self.system_prompt,
+                "user_template": self.user_template,
+            }
         model = self.model.model_dump(exclude={"api_key_env"})
         return {
             "backend": self.backend,
@@ -157,6 +191,45 @@ class ExperimentConfig(_Strict):
             "user_template": self.user_template,
             "output_mode": self.output.mode,
             "skip_placeholders": self.run.skip_placeholders,
+        }
+
+    def registry_row(self) -> dict[str, Any]:
+        """This config's row of the `experiment_registry` table (see `store.REGISTRY_COLUMNS`).
+
+        Never a key: `api_key_env` is stored as the variable's name and its value is never
+        read; user and password in `base_url` are cut out (the rest identifies the endpoint).
+        A `rules` experiment asks no model: its model is `rules` and the sampling fields are null.
+
+        Returns:
+            Column -> value; `config` is the canonical JSON of `effective()`, the hashed fields
+            (`base_url` without user and password).
+        """
+        asks = self.backend != "rules"
+        model = self.model
+        effective = self.effective()
+        base_url = None
+        if asks and model.base_url:
+            parts = urlsplit(model.base_url)
+            base_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+            effective["model"]["base_url"] = base_url
+        return {
+            "experiment": self.name,
+            "config_hash": self.config_hash,
+            "backend": self.backend,
+            "model": model.name if asks else "rules",
+            "base_url": base_url,
+            "api_key_env": model.api_key_env if asks else None,
+            "temperature": model.temperature if asks else None,
+            "seed": model.seed if asks else None,
+            "max_tokens": model.max_tokens if asks else None,
+            "reasoning_effort": model.reasoning_effort if asks else None,
+            "prompt_version": self.prompt.version if asks else None,
+            "system_prompt": self.system_prompt if asks else None,
+            "user_template": self.user_template if asks else None,
+            "output_mode": self.output.mode if asks else None,
+            "source_file": self.source_file,
+            "description": self.description,
+            "config": canonical_json(effective),
         }
 
     @property
@@ -439,7 +512,7 @@ def _resolve_prompts(raw: dict[str, Any], path: Path) -> None:
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Load, expand and validate one experiment file.
+    """Load, expand and validate one experiment file (not a grid: see `load_experiment_file`).
 
     Args:
         path: the YAML file.
@@ -452,9 +525,17 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     """
     path = Path(path)
     raw = expand_vars(_read_yaml(path), str(path))
+    if "grid" in raw:
+        raise ExperimentError(f"{path}: declares a grid of experiments; load it with load_experiment_file")
     raw.setdefault("name", path.stem)
+    return _validated(raw, path, "", {})
+
+
+def _validated(raw: dict[str, Any], path: Path, grid_name: str, grid_values: dict[str, Any]) -> ExperimentConfig:
+    """The config of one parsed document (a file, or a grid member): prompts and lexicon resolved."""
     _resolve_prompts(raw, path)
     raw["source_file"] = str(path)
+    raw["grid_name"], raw["grid_values"] = grid_name, grid_values  # set here only, whatever the file says
     if raw.get("backend") == "rules":
         if not isinstance(raw.get("lexicon") or "", str):
             raise ExperimentError(f"{path}: lexicon: expected a file path")
@@ -469,6 +550,196 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ExperimentError(_format_validation(path, exc)) from None
+
+
+# Grids: `grid:` maps dotted config paths to lists of values; the file defines one experiment
+# per combination, named `<name or stem>__<slug>__<slug>`. The bounds keep a typo from
+# defining thousands of experiments (each one is a set of Dagster assets and a job).
+MAX_GRID_MEMBERS = 64
+MAX_NAME_CHARS = 100
+_SLUG_PART_CHARS = 32
+# Top-level fields a grid may not vary: the name is what the grid makes, the rest is filled
+# by the loader.
+_NOT_GRID_PATHS = {"name", "source_file", "system_prompt", "user_template", "lexicon_sha", "grid_name", "grid_values"}
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9]+")
+_SHORT = {"temperature": "t"}
+
+
+def load_experiment_file(path: str | Path) -> list[ExperimentConfig]:
+    """The experiments of one file: its experiment, or one per combination of its `grid:`.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The validated configs, in the grid's order (the last path varies fastest).
+
+    Raises:
+        ExperimentError: naming the file and the grid path or member, on one line.
+    """
+    path = Path(path)
+    raw = expand_vars(_read_yaml(path), str(path))
+    if "grid" not in raw:
+        return [load_experiment(path)]  # the one loader of a plain file (it reads the small file again)
+    grid_name = raw.get("name", path.stem)
+    members = []
+    for name, values, member in _expand_grid(raw, path, str(grid_name)):
+        try:
+            members.append(_validated(member, path, str(grid_name), values))
+        except ExperimentError as exc:
+            detail = str(exc).removeprefix(f"{path}: ")
+            raise ExperimentError(f"{path}: grid member {name} ({format_grid_values(values)}): {detail}") from None
+    return members
+
+
+def _expand_grid(raw: dict[str, Any], path: Path, prefix: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(member name, grid values, member document) for each combination of `raw`'s `grid:`."""
+    grid = raw.pop("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ExperimentError(
+            f"{path}: grid: expected a mapping of dotted config paths to lists of values "
+            "(e.g. `model.temperature: [0.0, 0.2]`)"
+        )
+    axes = []
+    for key, values in grid.items():
+        _check_grid_path(key, path)
+        if not isinstance(values, list) or not values:
+            got = "an empty list" if isinstance(values, list) else f"a {type(values).__name__}"
+            raise ExperimentError(f"{path}: grid.{key}: expected a non-empty list of values, got {got}")
+        axes.append((key, values, _grid_slugs(key, values, path)))
+    for key, _, _ in axes:
+        inner = [other for other, _, _ in axes if other.startswith(f"{key}.")]
+        if inner:
+            raise ExperimentError(f"{path}: grid.{inner[0]}: overlaps grid.{key}; vary one or the other")
+    count = math.prod(len(values) for _, values, _ in axes)
+    if count > MAX_GRID_MEMBERS:
+        sizes = " x ".join(str(len(values)) for _, values, _ in axes)
+        raise ExperimentError(
+            f"{path}: grid: {sizes} = {count} combinations, more than {MAX_GRID_MEMBERS} experiments per file; "
+            "split it into several files"
+        )
+    members = []
+    for combo in itertools.product(*(range(len(values)) for _, values, _ in axes)):
+        name = "__".join([prefix, *(slugs[i] for (_, _, slugs), i in zip(axes, combo, strict=True))])
+        if len(name) > MAX_NAME_CHARS:
+            raise ExperimentError(
+                f"{path}: grid: member name {name[:40]}... is {len(name)} characters, over {MAX_NAME_CHARS}; "
+                "shorten the file name (or `name:`) or the values"
+            )
+        values = {key: vals[i] for (key, vals, _), i in zip(axes, combo, strict=True)}
+        member = copy.deepcopy(raw)
+        for key, value in values.items():
+            _set_path(member, key, value, path)
+        member["name"] = name
+        members.append((name, values, member))
+    return members
+
+
+def _check_grid_path(key: Any, path: Path) -> None:
+    """Refuse a grid key that is not the dotted path of a field users may set."""
+    if not isinstance(key, str):
+        raise ExperimentError(f"{path}: grid: key {key!r} is not a dotted config path such as model.temperature")
+    model: type[BaseModel] = ExperimentConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = {n: f for n, f in model.model_fields.items() if depth or n not in _NOT_GRID_PATHS}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "an experiment"
+            raise ExperimentError(
+                f"{path}: grid.{key}: unknown config path ({where} has no field {part!r} a grid may vary; "
+                f"fields: {', '.join(fields)})"
+            )
+        annotation = fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ExperimentError(
+                    f"{path}: grid.{key}: {'.'.join(parts[: depth + 1])} is one value; vary it as a whole"
+                )
+            model = annotation
+
+
+def _set_path(doc: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    """Set `doc`'s value at the dotted `key` (replacing it whole), creating missing mappings."""
+    *parents, last = key.split(".")
+    node = doc
+    for depth, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ExperimentError(f"{path}: grid.{key}: {where} in the file is not a mapping")
+        node = child
+    node[last] = copy.deepcopy(value)
+
+
+def _grid_slugs(key: str, values: list[Any], path: Path) -> list[str]:
+    """The name part of each value of one grid path; two values with the same part are refused."""
+    field = key.rsplit(".", 1)[-1]
+    slugs = [_grid_slug(field, value, index) for index, value in enumerate(values, 1)]
+    first: dict[str, int] = {}
+    for index, slug in enumerate(slugs):
+        if slug in first:
+            earlier = first[slug]
+            raise ExperimentError(
+                f"{path}: grid.{key}: {_shown(values[earlier], earlier + 1)} and {_shown(values[index], index + 1)} "
+                f"both make the name part {slug!r}; make them differ in letters or digits"
+                + (" (a prompt is named by its `version`)" if isinstance(values[index], dict) else "")
+            )
+        first[slug] = index
+    return slugs
+
+
+def _grid_slug(field: str, value: Any, index: int) -> str:
+    """`t0_2` for temperature 0.2, a model name sanitized, a prompt by its `version` (else `prompt2`)."""
+    short = _SHORT.get(field, field)
+    version = value.get("version") if isinstance(value, dict) else None
+    if isinstance(value, bool):
+        token = field if value else f"no_{field}"
+    elif isinstance(value, int | float):
+        token = f"{short}{value}"
+    elif isinstance(value, str):
+        token = value if field in ("name", "version") else f"{short}_{value}"
+    elif isinstance(version, str | int | float) and not isinstance(version, bool):
+        token = str(version)
+    elif value is None:
+        token = f"{short}_none"
+    else:
+        token = f"{field}{index}"
+    token = _SLUG_UNSAFE.sub("_", token).strip("_") or f"{field}{index}"
+    if len(token) > _SLUG_PART_CHARS:  # cut, with a digest of the value so cut names stay apart
+        digest = hashlib.sha256(canonical_json(value).encode()).hexdigest()[:8]
+        token = f"{token[: _SLUG_PART_CHARS - 9].rstrip('_')}_{digest}"
+    return token
+
+
+def _shown(value: Any, index: int) -> str:
+    """A grid value in a message: a short scalar as written, a mapping or list by its position."""
+    if isinstance(value, dict | list):
+        return f"item {index}"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def format_grid_values(values: dict[str, Any]) -> str:
+    """A grid member's values on one line, e.g. `model.temperature=0.2, prompt={version: v1}`.
+
+    Args:
+        values: `ExperimentConfig.grid_values`.
+
+    Returns:
+        The values, each as `path=value`; a mapping shows its `version` (or its keys).
+    """
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            shown = f"{{version: {value['version']}}}" if "version" in value else "{" + ", ".join(map(str, value)) + "}"
+        elif isinstance(value, list):
+            shown = f"[{len(value)} values]"
+        else:
+            shown = value if isinstance(value, str) else json.dumps(value)
+        parts.append(f"{key}={shown}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -491,6 +762,9 @@ class Experiments(list[ExperimentConfig]):
 def load_experiments(folder: str | Path | None = None) -> Experiments:
     """Load every `*.yaml`/`*.yml` file of a folder, sorted by name; one bad file spoils no other.
 
+    A grid file gives each of its members (`load_experiment_file`); a grid with one bad
+    member is left out whole, as any file that fails to load.
+
     A file that fails to load, and every file of a name defined twice (neither silently
     wins), is left out and reported in `errors`; the other experiments are returned.
 
@@ -510,7 +784,7 @@ def load_experiments(folder: str | Path | None = None) -> Experiments:
     errors: list[BrokenExperiment] = []
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            configs.append(load_experiment(path))
+            configs.extend(load_experiment_file(path))
         except ExperimentError as exc:
             errors.append(BrokenExperiment(path, path.stem, str(exc)))
         except Exception as exc:  # a case the checks above missed: still this file's problem only

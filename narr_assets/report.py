@@ -297,23 +297,27 @@ def _fig_tokens(ev: dict[str, Any]) -> Figure | None:
 # --------------------------------------------------------------------------------------
 
 _LEADERBOARD_VIEW: tuple[tuple[str, str, str], ...] = (
-    # (header, column, kind) kind: text | int | num | numD (D decimals) | pct | ci (with
-    # the column's _ci_low/_ci_high)
+    # (header, column, kind) kind: text | int | num | numD (D decimals) | g (shortest) | pct |
+    # ci (with the column's _ci_low/_ci_high). A column the frame lacks is left out.
     ("#", "rank", "int"),
     ("experiment", "experiment", "text"),
+    ("model", "model", "text"),
+    ("temperature", "temperature", "g"),
+    ("prompt version", "prompt_version", "text"),
+    ("reasoning effort", "reasoning_effort", "text"),
     ("rows", "n_rows", "int"),
     ("answered", "answered_share", "pct"),
     ("errors", "n_errors", "int"),
     ("skipped", "n_skipped", "int"),
     ("labelled", "n_labelled", "int"),
-    ("F1 strict", "f1", "ci"),
-    ("precision", "precision", "ci"),
-    ("recall", "recall", "ci"),
-    ("MCC", "mcc", "num"),
-    ("F1 answered", "answered_f1", "ci"),
-    ("F1 incident", "incident_f1", "ci"),
-    ("F1 CME", "cme_f1", "num"),
-    ("F1 LE", "le_f1", "num"),
+    ("strict F1", "f1", "ci"),
+    ("strict precision", "precision", "ci"),
+    ("strict recall", "recall", "ci"),
+    ("strict MCC", "mcc", "num"),
+    ("answered F1", "answered_f1", "ci"),
+    ("incident strict F1", "incident_f1", "ci"),
+    ("CME strict F1", "cme_f1", "num"),
+    ("LE strict F1", "le_f1", "num"),
     ("incident prevalence", "prevalence_incident", "pct"),
     ("CME/LE agree", "cme_le_agreement", "pct"),
     ("Brier", "brier", "num"),
@@ -324,9 +328,11 @@ _LEADERBOARD_VIEW: tuple[tuple[str, str, str], ...] = (
 
 
 def _cell(row: pd.Series, col: str, kind: str) -> str:
-    v = row.get(col)
+    v: Any = row.get(col)
     if kind == "text":
-        return _esc(v)
+        return "&ndash;" if _missing(v) else _esc(v)
+    if kind == "g":
+        return "&ndash;" if _missing(v) else _esc(f"{float(v):g}")
     if kind == "int":
         return _int_or_dash(v, ",")
     if kind == "pct":
@@ -349,7 +355,8 @@ def _leaderboard_section(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
     parts.append(
         '<p class="note">Sorted by strict F1 on all labelled narratives: parse errors, refusals, '
         "truncations and failures count as wrong, skipped placeholders as negative. "
-        "&ldquo;Answered&rdquo; metrics use only narratives the model answered. Brackets are 95% "
+        "&ldquo;Answered&rdquo; metrics use only narratives the model answered; the R system&rsquo;s "
+        "F1 is the answered F1. Brackets are 95% "
         "intervals (Wilson for proportions, percentile bootstrap for F1). With a few dozen "
         "positives, overlapping intervals mean the ranking is not settled; see the paired tests.</p>"
     )
@@ -492,6 +499,17 @@ def _experiment_section(i: int, ev: dict[str, Any], svg: _SvgRenderer) -> str:
     return "".join(parts)
 
 
+def _pair_side(p: dict[str, Any], side: str) -> str:
+    """One side's experiment name, with its model, temperature, prompt version and reasoning effort under it."""
+    name = _esc(p.get(f"experiment_{side}"))
+    labels = (("model", ""), ("temperature", "T="), ("prompt_version", "prompt "), ("reasoning_effort", "reasoning "))
+    found: list[tuple[str, Any]] = [
+        (label, p.get(f"{col}_{side}")) for col, label in labels if not _missing(p.get(f"{col}_{side}"))
+    ]
+    config = [label + (f"{float(v):g}" if label == "T=" else str(v)) for label, v in found]
+    return name + (f'<br><span class="ci">{_esc(", ".join(config))}</span>' if config else "")
+
+
 def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
     head = '<h2 id="pairwise">Pairwise comparisons</h2>'
     if not pairwise:
@@ -505,8 +523,8 @@ def _pairwise_section(pairwise: list[dict[str, Any]] | None) -> str:
     ]  # fmt: skip
     rows = [
         [
-            _esc(p.get("experiment_a")),
-            _esc(p.get("experiment_b")),
+            _pair_side(p, "a"),
+            _pair_side(p, "b"),
             _esc(p.get("n_common")),
             _esc(p.get("n_both_answered")),
             _pct(p.get("verdict_agreement")),

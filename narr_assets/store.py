@@ -94,6 +94,15 @@ CREATE TABLE IF NOT EXISTS run_log (
     narratives INTEGER, calls_ok INTEGER, attempts INTEGER, reused INTEGER, skipped INTEGER,
     failed_batches INTEGER, active_seconds DOUBLE
 );
+-- One row per configuration an experiment has been evaluated under (`registry_row`); never a key.
+CREATE TABLE IF NOT EXISTS experiment_registry (
+    experiment VARCHAR NOT NULL, config_hash VARCHAR NOT NULL, backend VARCHAR, model VARCHAR,
+    base_url VARCHAR, api_key_env VARCHAR, temperature DOUBLE, seed BIGINT, max_tokens INTEGER,
+    reasoning_effort VARCHAR, prompt_version VARCHAR, system_prompt VARCHAR, user_template VARCHAR,
+    output_mode VARCHAR, source_file VARCHAR, description VARCHAR, config JSON,
+    first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ,
+    PRIMARY KEY (experiment, config_hash)
+);
 CREATE OR REPLACE VIEW classifications AS
 SELECT c.*, n.narrative_text, n.manual_flag_ind, n.manual_flag, n.is_placeholder, n.attributes,
        (n.text_hash IS DISTINCT FROM c.text_hash) AS is_stale
@@ -171,6 +180,27 @@ CLASSIFICATION_COLUMNS = (
     "data_checksum",
     "classified_at",
     "written_at",
+)
+
+# The columns `ExperimentConfig.registry_row` fills; `first_seen` and `last_seen` are the store's.
+REGISTRY_COLUMNS = (
+    "experiment",
+    "config_hash",
+    "backend",
+    "model",
+    "base_url",
+    "api_key_env",
+    "temperature",
+    "seed",
+    "max_tokens",
+    "reasoning_effort",
+    "prompt_version",
+    "system_prompt",
+    "user_template",
+    "output_mode",
+    "source_file",
+    "description",
+    "config",
 )
 
 
@@ -537,6 +567,31 @@ class Store:
                     summary.active_seconds,
                 ],
             )
+
+    def register_experiment(self, row: Mapping[str, Any]) -> None:
+        """Insert or refresh one `experiment_registry` row, keeping its `first_seen`.
+
+        Args:
+            row: `ExperimentConfig.registry_row()`: every column of `REGISTRY_COLUMNS`.
+
+        Raises:
+            ValueError: when the row's columns are not exactly `REGISTRY_COLUMNS`.
+        """
+        if set(row) != set(REGISTRY_COLUMNS):
+            raise ValueError(f"a registry row has the columns {', '.join(REGISTRY_COLUMNS)}, not {', '.join(row)}")
+        refreshed = ", ".join(f"{c} = excluded.{c}" for c in REGISTRY_COLUMNS if c not in ("experiment", "config_hash"))
+        with self.connect() as con:
+            _exec(
+                con,
+                f"INSERT INTO experiment_registry ({', '.join(REGISTRY_COLUMNS)}, first_seen, last_seen) "
+                f"VALUES ({', '.join('?' * len(REGISTRY_COLUMNS))}, current_timestamp, current_timestamp) "
+                f"ON CONFLICT (experiment, config_hash) DO UPDATE SET {refreshed}, last_seen = excluded.last_seen",
+                [row[c] for c in REGISTRY_COLUMNS],
+            )
+
+    def read_registry(self) -> pd.DataFrame:
+        """Every `experiment_registry` row, oldest first within each experiment."""
+        return self.query_df("SELECT * FROM experiment_registry ORDER BY experiment, first_seen, config_hash")
 
     def replace_evaluation(
         self, experiment: str, config_hash: str, tables: dict[str, pd.DataFrame], evaluation: dict[str, Any]

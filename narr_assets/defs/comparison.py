@@ -13,11 +13,29 @@ from narr_assets.experiments import BrokenExperiment, ExperimentConfig
 from narr_assets.exports import export_frame, write_export
 from narr_assets.private import private_dir, write_private_bytes
 from narr_assets.report import REPORT_COPIES, prune_report_copies, render_report
-from narr_assets.results import cross_experiment
+from narr_assets.results import cross_experiment, leaderboard_table, pairwise_frame
 from narr_assets.store import Store
 
 COMPARE_JOB = "compare"
-LEADERBOARD_SHOWN = ("rank", "experiment", "f1", "f1_ci_low", "f1_ci_high", "answered_f1", "answered_share")
+LEADERBOARD_SHOWN = (
+    "rank",
+    "experiment",
+    "model",
+    "temperature",
+    "prompt_version",
+    "reasoning_effort",
+    "f1",
+    "f1_ci_low",
+    "f1_ci_high",
+    "answered_f1",
+    "answered_share",
+)
+LEADERBOARD_DESCRIPTION = (
+    "Experiments ranked by strict F1 (unanswered counted as wrong; answered F1, the R system's F1, beside it) "
+    "with intervals, coverage, config (model, temperature, prompt version, reasoning effort) and pairwise tests."
+)
+# The UI's table names the variant of each F1: the table's `f1` is strict (see results.HEADLINE_VARIANT).
+SHOWN_NAMES = {"f1": "strict_f1", "f1_ci_low": "strict_f1_ci_low", "f1_ci_high": "strict_f1_ci_high"}
 
 
 def build_comparison_defs(
@@ -35,21 +53,21 @@ def build_comparison_defs(
         deps=metrics_keys,
         group_name="evaluation",
         kinds={"duckdb"},
-        description="Experiments ranked by strict F1 with intervals, coverage and pairwise tests." + left_out,
+        description=LEADERBOARD_DESCRIPTION + left_out,
     )
     def leaderboard(duckdb: DuckDBResource) -> dg.MaterializeResult:
         store = Store(duckdb)
         evals, pairwise, disagreements = cross_experiment(store, experiments)
-        board = evaluation.leaderboard(evals)
+        board = leaderboard_table(evals, experiments)
         # All three tables are replaced every time, empty ones included: a comparison with an
         # experiment that was removed or changed must not outlive it.
         store.replace_table("leaderboard", board)
-        store.replace_table("pairwise_comparisons", evaluation.pairwise_table(pairwise))
+        store.replace_table("pairwise_comparisons", pairwise_frame(pairwise))
         store.replace_table(
             "disagreements",
             evaluation.disagreement_table([frame.assign(experiment=name) for name, frame in disagreements.items()]),
         )
-        shown = board[[c for c in LEADERBOARD_SHOWN if c in board]]
+        shown = board[[c for c in LEADERBOARD_SHOWN if c in board]].rename(columns=SHOWN_NAMES)
         return dg.MaterializeResult(
             metadata={"experiments": len(board), "leaderboard": frame_md(shown), **row_count(store, "leaderboard")}
         )
@@ -63,7 +81,7 @@ def build_comparison_defs(
         # come from the metrics assets either way, and recomputing keeps every section of the
         # report from the same moment (about a second at production size).
         evals, pairwise, disagreements = cross_experiment(Store(duckdb), experiments)
-        board = evaluation.leaderboard(evals)
+        board = leaderboard_table(evals, experiments)
         reports = private_dir(settings.layout.reports)
         out = reports / f"report-{context.run.run_id[:8]}.html"
         render_report(evals, board, disagreements, out, pairwise=pairwise)

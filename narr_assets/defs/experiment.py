@@ -72,7 +72,7 @@ def experiment_group(cfg: ExperimentConfig) -> str:
 
 
 def _model(cfg: ExperimentConfig) -> str:
-    return cfg.model.name if cfg.backend == "openai" else "rules"
+    return "rules" if cfg.backend == "rules" else cfg.model.name
 
 
 def _termination_requested(context: dg.AssetExecutionContext) -> str | None:
@@ -143,7 +143,7 @@ def build_classifications(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         pool=cfg.pool,  # one classification step per endpoint at a time, across runs
         code_version=cfg.config_hash,
         group_name=experiment_group(cfg),
-        kinds={"duckdb", "python" if cfg.backend == "rules" else "openai"},
+        kinds={"duckdb", {"rules": "python", "imported": "sqlite"}.get(cfg.backend, "openai")},
         description=cfg.description or f"{cfg.name}: {cfg.backend} classifications by batch",
         metadata={
             "model": model,
