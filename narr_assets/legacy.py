@@ -56,8 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 import yaml
 
-from narr_assets import parsing
-from narr_assets.classify.rows import WorkItem, rows_frame
+from narr_assets.classify.rows import WorkItem, row_identity, rows_frame
 from narr_assets.classify.summary import RunSummary
 
 # `_read_yaml` is the experiment loader's bounded reader (size, depth and alias-bomb limits).
@@ -685,20 +684,8 @@ def _row(
     cfg: ExperimentConfig, item: WorkItem, config_hash: str, legacy: dict[str, Any] | None, error: str | None
 ) -> dict[str, Any]:
     """One `classification_rows` row for `item` from its legacy row (None: none usable, see `error`)."""
-    row: dict[str, Any] = {
-        "experiment": cfg.name,
-        "batch_id": item.batch_id,
-        "incident_id": item.incident_id,
-        "narrative_type": item.narrative_type,
-        "text_hash": item.text_hash,
-        "config_hash": config_hash,
-        "attempts": 0 if legacy is None else 1,
-        "from_journal": False,
-        "parser_version": parsing.PARSER_VERSION,
-        "data_checksum": item.data_checksum,
-        "model": cfg.model.name,
-        "answer_source": "imported",
-    }
+    row = row_identity(cfg, item, config_hash, attempts=0 if legacy is None else 1, from_journal=False)
+    row.update(model=cfg.model.name, answer_source="imported")
     if legacy is None or error is not None:
         row.update(status=REJECTED, error=error)
         return row

@@ -65,6 +65,35 @@ def work_items(narratives: pd.DataFrame) -> dict[str, list[WorkItem]]:
     return out
 
 
+def row_identity(
+    cfg: ExperimentConfig, item: WorkItem, config_hash: str, *, attempts: int, from_journal: bool
+) -> dict[str, Any]:
+    """The columns of a `classification_rows` row that say whose answer it is and how it came.
+
+    Args:
+        cfg: The experiment.
+        item: The narrative (key, batch, text hash, data checksum).
+        config_hash: The experiment's config hash (computed once per run).
+        attempts: Requests made for this answer.
+        from_journal: Whether the answer was read back from the journal.
+
+    Returns:
+        Column -> value; the answer's own columns are added by the caller.
+    """
+    return {
+        "experiment": cfg.name,
+        "batch_id": item.batch_id,
+        "incident_id": item.incident_id,
+        "narrative_type": item.narrative_type,
+        "text_hash": item.text_hash,
+        "config_hash": config_hash,
+        "attempts": attempts,
+        "from_journal": from_journal,
+        "parser_version": parsing.PARSER_VERSION,
+        "data_checksum": item.data_checksum,
+    }
+
+
 def result_row(
     cfg: ExperimentConfig,
     item: WorkItem,
@@ -83,19 +112,8 @@ def result_row(
     `config_hash` is passed in, computed once per run: hashing the config per row would
     cost a model dump and a sha256 for every answer.
     """
-    row: dict[str, Any] = {
-        "experiment": cfg.name,
-        "batch_id": item.batch_id,
-        "incident_id": item.incident_id,
-        "narrative_type": item.narrative_type,
-        "text_hash": item.text_hash,
-        "config_hash": config_hash,
-        "attempts": attempts,
-        "from_journal": from_journal,
-        "parser_version": parsing.PARSER_VERSION,
-        "data_checksum": item.data_checksum,
-        "classified_at": pd.Timestamp(classified_at, unit="s", tz="UTC") if classified_at else None,
-    }
+    row = row_identity(cfg, item, config_hash, attempts=attempts, from_journal=from_journal)
+    row["classified_at"] = pd.Timestamp(classified_at, unit="s", tz="UTC") if classified_at else None
     if raw is None:
         row.update(status=SKIPPED, error="placeholder narrative (run.skip_placeholders)")
         return row
