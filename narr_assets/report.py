@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from narr_assets import factors
 from narr_assets.evaluation import NARRATIVE_TYPES, SCOPES, STATUSES, VARIANTS
 from narr_assets.private import write_private_bytes
 
@@ -292,6 +293,110 @@ def _fig_tokens(ev: dict[str, Any]) -> Figure | None:
     return fig
 
 
+def _fig_factor(ft: pd.DataFrame, label: str) -> Figure:
+    """Each experiment's strict F1 and interval, grouped (and coloured) by factor level."""
+    fig = _figure(7, 0.4 * len(ft) + 1.4)
+    ax = fig.subplots()
+    levels = list(dict.fromkeys(ft["level"]))
+    palette = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d")
+    ys = list(range(len(ft)))[::-1]
+    for k, level in enumerate(levels):
+        idx = [i for i, lv in enumerate(ft["level"]) if lv == level]
+        sub = ft.iloc[idx]
+        errs = [_err(v, lo, hi) for v, lo, hi in zip(sub["f1"], sub["f1_ci_low"], sub["f1_ci_high"], strict=True)]
+        ax.errorbar(
+            list(sub["f1"]),
+            [ys[i] for i in idx],
+            xerr=[[e[0] for e in errs], [e[1] for e in errs]],
+            fmt="o",
+            color=palette[k % len(palette)],
+            capsize=3,
+            label=level,
+        )
+        if k:  # a line between levels
+            ax.axhline(ys[idx[0]] + 0.5, color="#ccc", linewidth=0.8)
+    ax.set_yticks(ys, [str(e) for e in ft["experiment"]])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("strict F1 with 95% bootstrap interval (one point per experiment)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(title=label, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return fig
+
+
+def _fig_heatmap(hm: Any, row_label: str, column_label: str) -> Figure:
+    """Best strict F1 per cell of a factors.Heatmap; empty cells stay blank."""
+    from matplotlib import colormaps
+
+    values = np.array([[math.nan if v is None else v for v in r] for r in hm.best], dtype=float)
+    fig = _figure(1.3 * len(hm.columns) + 1.5, 0.7 * len(hm.rows) + 1.5)
+    ax = fig.subplots()
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    # pcolormesh, not imshow: imshow embeds a raster as a data: URI, the report stays vector-only.
+    xs, ys = np.arange(len(hm.columns) + 1) - 0.5, np.arange(len(hm.rows) + 1) - 0.5
+    ax.pcolormesh(xs, ys, np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1)
+    ax.invert_yaxis()  # first row on top, as in the table
+    for i, r in enumerate(hm.best):
+        for j, v in enumerate(r):
+            if v is None:
+                continue
+            n = hm.count[i][j]
+            text = f"{v:.3f}" + (f"\nbest of {n}" if n > 1 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(len(hm.columns)), hm.columns)
+    ax.set_yticks(range(len(hm.rows)), hm.rows)
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    # No colorbar: matplotlib draws it as an embedded raster; each cell carries its value instead.
+    ax.set_title("strict F1, best experiment in each cell (colour from 0 to 1)", fontsize=9)
+    return fig
+
+
+def _fig_precision_recall(lb: pd.DataFrame) -> Figure:
+    """Strict precision against strict recall, one labelled point per experiment, with iso-F1 curves."""
+    fig = _figure(5.5, 5)
+    ax = fig.subplots()
+    for f in (0.5, 0.7, 0.9):
+        rs = np.linspace(f / 2 + 1e-3, 1, 100)
+        ax.plot(rs, f * rs / (2 * rs - f), color="#ddd", linewidth=0.8, linestyle="--")
+        ax.annotate(f"F1={f:g}", (1, f / (2 - f)), fontsize=7, color="#999", xytext=(2, 0), textcoords="offset points")
+    for _, r in lb.iterrows():
+        ax.plot(float(r["recall"]), float(r["precision"]), "o", color=_VARIANT_COLOURS["strict"])
+        xy = (float(r["recall"]), float(r["precision"]))
+        ax.annotate(str(r["experiment"]), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("strict recall")
+    ax.set_ylabel("strict precision")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+_COST_AXES = {
+    "seconds_per_narrative": "mean seconds per narrative",
+    "tokens_per_narrative": "mean tokens per narrative (prompt + completion)",
+}
+
+
+def _fig_cost(ct: pd.DataFrame, columns: Sequence[str]) -> Figure:
+    """Strict F1 (with interval) against mean seconds and/or tokens per narrative, points labelled."""
+    fig = _figure(5 * len(columns), 4)
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    for ax, col in zip(axes, columns, strict=True):
+        sub = ct[ct[col].notna()]
+        errs = [_err(v, lo, hi) for v, lo, hi in zip(sub["f1"], sub["f1_ci_low"], sub["f1_ci_high"], strict=True)]
+        yerr = [[e[0] for e in errs], [e[1] for e in errs]]
+        ax.errorbar(list(sub[col]), list(sub["f1"]), yerr=yerr, fmt="o", color=_VARIANT_COLOURS["strict"], capsize=3)
+        for _, r in sub.iterrows():
+            xy = (float(r[col]), float(r["f1"]))
+            ax.annotate(str(r["experiment"]), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(_COST_AXES[col])
+        ax.set_ylabel("strict F1")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
@@ -364,6 +469,101 @@ def _leaderboard_section(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
     if fig is not None:
         parts.append(svg.render(fig, "F1 by experiment with 95% intervals"))
     return "".join(parts)
+
+
+def _factor_block(lb: pd.DataFrame, factor: str, label: str, svg: _SvgRenderer) -> str:
+    ft = factors.factor_table(lb, factor)
+    head = f"<h3>Strict F1 by {_esc(label)}</h3>"
+    n_levels = ft["level"].nunique()
+    if n_levels < 2:
+        return head + (
+            f'<p class="note">Fewer than 2 distinct {_esc(label)}s among experiments with a strict F1 '
+            f"({n_levels}): nothing to compare.</p>"
+        )
+    rows = [
+        [
+            _esc(r["level"]),
+            _esc(r["experiment"]),
+            _with_ci(r["f1"], r["f1_ci_low"], r["f1_ci_high"]),
+            _int_or_dash(r["n_labelled"], ","),
+        ]
+        for _, r in ft.iterrows()
+    ]
+    parts = [head, _table([_esc(label), "experiment", "strict F1 [95% interval]", "labelled"], rows, (0, 1))]
+    skipped = factors.left_out(lb, factor)
+    if skipped:
+        parts.append(f'<p class="note">{skipped} experiment(s) without a strict F1 or a {_esc(label)} left out.</p>')
+    parts.append(svg.render(_fig_factor(ft, label), f"Strict F1 by {label}, one point per experiment"))
+    return "".join(parts)
+
+
+def _heatmap_block(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
+    hm = factors.heatmap_grid(lb, "prompt_version", "temperature")
+    head = "<h3>Strict F1 by prompt version and temperature</h3>"
+    if len(hm.rows) < 2 and len(hm.columns) < 2:
+        return head + (
+            '<p class="note">Fewer than 2 distinct prompt versions or temperatures among experiments with a '
+            "strict F1: no grid.</p>"
+        )
+
+    def cell(i: int, j: int) -> str:
+        v, n = hm.best[i][j], hm.count[i][j]
+        if v is None:
+            return ""
+        more = f' <span class="ci">best of {n}: {_esc(hm.best_experiment[i][j])}</span>' if n > 1 else ""
+        return _num(v) + more
+
+    rows = [[_esc(r), *(cell(i, j) for j in range(len(hm.columns)))] for i, r in enumerate(hm.rows)]
+    table = _table(["prompt version / temperature", *(_esc(c) for c in hm.columns)], rows, (0,))
+    note = (
+        '<p class="note">Each cell is the best strict F1 among the experiments with that prompt version and '
+        "temperature (&ldquo;best of n&rdquo; when there are several; not an average); blank cells have none.</p>"
+    )
+    return head + table + note + svg.render(_fig_heatmap(hm, "prompt version", "temperature"), "Strict F1 heatmap")
+
+
+def _precision_recall_block(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
+    head = "<h3>Strict precision and recall</h3>"
+    cols = ("f1", "precision", "recall")
+    pr = lb[lb[list(cols)].notna().all(axis=1)] if set(cols) <= set(lb.columns) else lb.iloc[0:0]
+    if len(pr) < 2:
+        return head + '<p class="note">Fewer than 2 experiments with a strict precision and recall: no plot.</p>'
+    return head + svg.render(_fig_precision_recall(pr), "Strict precision against strict recall per experiment")
+
+
+def _cost_factor_block(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
+    head = "<h3>Strict F1 against seconds and tokens per narrative</h3>"
+    ct = factors.cost_table(lb)
+    columns = [c for c in _COST_AXES if ct[c].notna().sum() >= 2]
+    if not columns:
+        return head + (
+            '<p class="note">Fewer than 2 experiments with a strict F1 and a recorded latency or token count: '
+            "no plot.</p>"
+        )
+    rows = [
+        [
+            _esc(r["experiment"]),
+            _with_ci(r["f1"], r["f1_ci_low"], r["f1_ci_high"]),
+            _num(r["seconds_per_narrative"], 2),
+            _num(r["tokens_per_narrative"], 0),
+        ]
+        for _, r in ct.iterrows()
+    ]
+    header = ["experiment", "strict F1 [95% interval]", "seconds / narrative", "tokens / narrative"]
+    return head + _table(header, rows, (0,)) + svg.render(_fig_cost(ct, columns), "Strict F1 against cost")
+
+
+def _factors_section(lb: pd.DataFrame, svg: _SvgRenderer) -> str:
+    head = (
+        '<h2 id="factors">Factors</h2><p class="note">Each experiment keeps its own strict F1 and 95% '
+        "interval; nothing is averaged across experiments. Experiments at one level also differ in the "
+        "other factors, so read the groups together with the heatmap and the paired tests.</p>"
+    )
+    if lb.empty:
+        return head + '<p class="note">No experiments.</p>'
+    blocks = [_factor_block(lb, factor, label, svg) for factor, label in factors.FACTORS]
+    blocks += [_heatmap_block(lb, svg), _precision_recall_block(lb, svg), _cost_factor_block(lb, svg)]
+    return head + "".join(blocks)
 
 
 def _metrics_table(ev: dict[str, Any]) -> str:
@@ -632,13 +832,14 @@ def render_report_html(
     toc = "".join(f'<li><a href="#exp-{i}">{_esc(ev.get("experiment"))}</a></li>' for i, ev in enumerate(evals))
     body = [
         f"<h1>{_esc(title)}</h1>",
-        '<nav><ul><li><a href="#leaderboard">Leaderboard</a></li>',
+        '<nav><ul><li><a href="#leaderboard">Leaderboard</a></li><li><a href="#factors">Factors</a></li>',
         toc,
         (
             '<li><a href="#pairwise">Pairwise comparisons</a></li>'
             '<li><a href="#disagreements">Disagreements</a></li></ul></nav>'
         ),
         _leaderboard_section(leaderboard, svg),
+        _factors_section(leaderboard, svg),
         *(_experiment_section(i, ev, svg) for i, ev in enumerate(evals)),
         _pairwise_section(pairwise),
         _disagreement_section(disagreements),

@@ -111,9 +111,10 @@ def test_report_is_well_formed_html(report_html):
 
 def test_report_has_expected_plots(report_html):
     # forest plot + (metric bars, calibration, latency, tokens) for each labelled experiment
-    # with costs; the unlabelled experiment without costs has no plot.
-    assert report_html.count("<svg") == 1 + 4 + 4
-    assert report_html.count("</svg>") == 9
+    # with costs; the unlabelled experiment without costs has no plot; in "Factors" (no config
+    # columns in this leaderboard) only precision/recall and F1 against cost.
+    assert report_html.count("<svg") == 1 + 4 + 4 + 2
+    assert report_html.count("</svg>") == 11
     ids = re.findall(r'\bid="([^"]+)"', report_html)
     assert len(ids) == len(set(ids)), "element ids must be unique across figures"
 
@@ -139,7 +140,7 @@ def test_report_escapes_injected_content(report_html):
 
 
 def test_report_sections_and_values(report_html, inputs):
-    for anchor in ("leaderboard", "pairwise", "disagreements", "exp-0", "exp-1", "exp-2"):
+    for anchor in ("leaderboard", "factors", "pairwise", "disagreements", "exp-0", "exp-1", "exp-2"):
         assert f'id="{anchor}"' in report_html
     assert "No manual labels: label metrics are undefined." in report_html
     top = inputs["leaderboard"].iloc[0]
