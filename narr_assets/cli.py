@@ -53,7 +53,9 @@ def _ensure_dagster_home() -> Path:
 
 
 def _dagster_home() -> Path:
-    return Path(os.environ.get("DAGSTER_HOME") or settings.PROJECT_ROOT / ".dagster_home")
+    from narr_assets.dagster_home import configured_home
+
+    return configured_home() or settings.PROJECT_ROOT / ".dagster_home"
 
 
 @contextlib.contextmanager
@@ -453,7 +455,8 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
             print(f"narr: {cfg.name}: running partitions {start} .. {end}, config {cfg.config_hash}")
             ok = runner.materialize([key], partition_range=(start, end), run_config=run_config) and ok
         return ok
-    unrecorded = _unrecorded(runner, key, [keys[b] for b in state.done if b in keys])
+    done_keys = [keys[b] for b in state.done]
+    unrecorded = _unrecorded(_partition_statuses(runner.instance, cfg.name, done_keys), state.done)
     position = {k: i for i, k in enumerate(registered)}  # a range follows Dagster's order of keys
     todo = sorted({keys[b] for b in state.to_run(retry_errors)} | set(unrecorded), key=position.__getitem__)
     if not todo:
@@ -469,16 +472,30 @@ def run_experiment(runner: Runner, cfg, retry_errors: bool = False, partitions: 
     return runner.materialize([key], partition_range=(todo[0], todo[-1]), run_config=run_config)
 
 
-def _unrecorded(runner: Runner, asset_key, complete_keys: Sequence[str]) -> list[str]:
-    """Keys of batches complete in DuckDB that Dagster does not show materialised."""
-    import dagster as dg
+def _partition_statuses(instance, experiment: str, keys: Sequence[str]) -> dict[str, str]:
+    """Partition key -> Dagster's status of the experiment's classifications there.
 
-    from narr_assets.defs.ingest import batch_partitions
+    MATERIALIZED, FAILED, IN_PROGRESS, or MISSING (never materialised, or not registered with
+    this instance yet).
+    """
+    from narr_assets.defs.ingest import BATCH_PARTITIONS, batch_partitions
 
-    if not complete_keys:
-        return []
-    statuses = runner.instance.get_status_by_partition(asset_key, list(complete_keys), batch_partitions) or {}
-    return [k for k in complete_keys if statuses.get(k) != dg.AssetPartitionStatus.MATERIALIZED]
+    registered = set(instance.get_dynamic_partitions(BATCH_PARTITIONS))
+    known = [k for k in keys if k in registered]
+    found = (
+        (instance.get_status_by_partition(_key(experiment, "classifications"), known, batch_partitions) or {})
+        if known
+        else {}
+    )
+    return {k: found[k].value if found.get(k) else "MISSING" for k in keys}
+
+
+def _unrecorded(statuses: dict[str, str], done: Sequence[str]) -> list[str]:
+    """Keys of batches complete in DuckDB (`done`: batch ids) that Dagster does not show materialised."""
+    from narr_assets.status import batch_of
+
+    complete = set(done)
+    return [k for k, status in statuses.items() if batch_of(k) in complete and status != "MATERIALIZED"]
 
 
 def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
@@ -585,40 +602,25 @@ def _print_status(configs) -> None:
 
 def _dagster_line(statuses: dict[str, str], st: dict) -> str:
     """What Dagster shows for the experiment's partitions, and where it differs from the database."""
-    from narr_assets.status import batch_of
-
     counts = {s: sum(1 for v in statuses.values() if v == s) for s in ("MATERIALIZED", "FAILED", "IN_PROGRESS")}
     line = (
         f"Dagster: materialized {counts['MATERIALIZED']}, failed {counts['FAILED']}, "
         f"in progress {counts['IN_PROGRESS']}, missing {len(statuses) - sum(counts.values())} "
         f"of {len(statuses)} partitions"
     )
-    done = set(st["done"])
-    unrecorded = [k for k, v in statuses.items() if batch_of(k) in done and v != "MATERIALIZED"]
+    unrecorded = _unrecorded(statuses, st["done"])
     if unrecorded:
         line += f"; {len(unrecorded)} complete here but not in Dagster (`narr run` records them, no calls)"
     return line
 
 
 def _dagster_partition_statuses(configs, keys: list[str]) -> dict[str, dict[str, str]]:
-    """Experiment -> the database's partition keys -> Dagster's status of each.
-
-    MATERIALIZED, FAILED, IN_PROGRESS, or MISSING (never materialised, or not registered
-    with this instance yet).
-    """
-    from narr_assets.defs.ingest import BATCH_PARTITIONS, batch_partitions
-
-    out: dict[str, dict[str, str]] = {}
+    """Experiment -> the database's partition keys -> Dagster's status of each (`_partition_statuses`)."""
     try:
         instance = _dagster_instance()
-        registered = set(instance.get_dynamic_partitions(BATCH_PARTITIONS))
-        known = [k for k in keys if k in registered]
-        for cfg in configs:
-            found = instance.get_status_by_partition(_key(cfg.name, "classifications"), known, batch_partitions) or {}
-            out[cfg.name] = {k: found[k].value if found.get(k) else "MISSING" for k in keys}
+        return {cfg.name: _partition_statuses(instance, cfg.name, keys) for cfg in configs}
     except Exception:  # status is informative only; a missing instance must not break it
         return {}
-    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:

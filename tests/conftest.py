@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,19 @@ def server():
         yield handle
     finally:
         handle.stop()
+
+
+def outage_after(server, completions: int, down_s: float) -> threading.Thread:
+    """A started thread that takes `server` down for `down_s` once it has answered `completions` requests."""
+
+    def outage() -> None:
+        while server.stats()["completions_ok"] < completions:
+            time.sleep(0.01)
+        server.down(down_s)
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    return thread
 
 
 def materialize(defs, instance, keys, partition_range=None, run_config=None):

@@ -13,12 +13,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NEGATIVE, POSITIVE, partition_key_of, write_experiment, write_long_csv
+from conftest import NEGATIVE, POSITIVE, outage_after, partition_key_of, write_experiment, write_long_csv
 
 from narr_assets import settings
 from narr_assets.classify import ClassificationFailed, classify_batches
@@ -245,13 +244,7 @@ def test_an_outage_after_answers_is_ridden_out_even_past_the_window(project, ser
     server.configure(latency_s=0.02)
     cfg = experiment(project, server.base_url, concurrency=2, retries=12)
 
-    def outage() -> None:
-        while server.stats()["completions_ok"] < 5:
-            time.sleep(0.01)
-        server.down(2.0)
-
-    thread = threading.Thread(target=outage)
-    thread.start()
+    thread = outage_after(server, 5, 2.0)
     summary = run(cfg, store, batches)
     thread.join()
     assert summary.calls_ok == 40 and server.stats()["by_outcome"]["down"] > 0

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_experiment, write_long_csv
+from conftest import outage_after, write_experiment, write_long_csv
 
 from narr_assets import quality, settings
 from narr_assets.classify import ClassificationFailed, classify_batches
@@ -46,13 +46,7 @@ def test_endpoint_down_for_a_while_then_back(project, server):
     server.configure(latency_s=0.03)
     cfg = load_experiment(write_experiment(project / "experiments", "llm", server.base_url, concurrency=4, retries=10))
 
-    def outage():
-        while server.stats()["completions_ok"] < 15:
-            time.sleep(0.01)
-        server.down(2.0)
-
-    thread = threading.Thread(target=outage)
-    thread.start()
+    thread = outage_after(server, 15, 2.0)
     summary = run(cfg, store, batches)
     thread.join()
     stats = server.stats()
